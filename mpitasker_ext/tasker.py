@@ -1,0 +1,138 @@
+"""The seed-compatible ``Tasker`` and a plain ``mpimap()``: pick the communicator, build the sweep, run it."""
+
+import logging
+import os
+
+from .errors import MPITaskerError, UsageError
+from .scheduler import Sweep, run_mpi, run_serial
+
+log = logging.getLogger(__name__)
+
+_LAUNCHER_SIZE_VARS = ("PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "PMIX_SIZE", "MPI_LOCALNRANKS")
+
+
+def _launcher_size():
+    """How many processes mpiexec says it started (1 when not started by mpiexec)."""
+    for name in _LAUNCHER_SIZE_VARS:
+        value = os.environ.get(name, "")
+        if value.isdigit():
+            return int(value)
+    return 1
+
+
+def world_communicator(method="MPI"):
+    """COMM_WORLD, or None to run serially; refuses the silent disasters of a half-working MPI."""
+    if method != "MPI":
+        return None
+    try:
+        from mpi4py import MPI
+    except ImportError as exc:
+        if _launcher_size() > 1:
+            raise MPITaskerError(
+                f"this process was started by mpiexec as one of {_launcher_size()} processes, but mpi4py cannot "
+                f"be imported ({exc}); every process would run every job. Install it "
+                "(pip install 'mpitasker_ext[mpich]', or your site's mpi4py) or run without mpiexec.") from exc
+        log.info("mpi4py is not available (%s); running jobs serially in this process", exc)
+        return None
+    comm = MPI.COMM_WORLD
+    if comm.size == 1 and _launcher_size() > 1:
+        raise MPITaskerError(
+            f"mpiexec started {_launcher_size()} processes but each sees an MPI world of size 1: this mpiexec "
+            "belongs to another MPI library than the one mpi4py was built for. Use the mpiexec next to this "
+            "Python (e.g. the 'mpich' wheel's, in the environment's bin/), or rebuild mpi4py for your MPI.")
+    return comm
+
+
+def _job_list(args):
+    if isinstance(args, (str, bytes)):
+        raise UsageError(f"args is a {type(args).__name__}; pass a list of job arguments, e.g. [{args!r}] for "
+                         "one job")
+    try:
+        jobs = list(args)
+    except TypeError as exc:
+        raise UsageError(f"args must be an iterable of job arguments (a list, range or generator), got "
+                         f"{type(args).__name__}") from exc
+    if not jobs:
+        raise UsageError("args is empty: there are no jobs to run. Check the iterable you passed (an exhausted "
+                         "generator reads as empty).")
+    return jobs
+
+
+def enable_verbose_logging(rank):
+    """Per-job lines on stderr, tagged with the rank, unless the user configured logging already."""
+    logger = logging.getLogger("mpitasker_ext")
+    logger.setLevel(logging.INFO)
+    if not logger.handlers and not logging.getLogger().handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter(f"%(asctime)s mpitasker[rank {rank}] %(levelname)s %(message)s"))
+        logger.addHandler(handler)
+
+
+def run_sweep(sweep, comm):
+    if comm is None or comm.size == 1:
+        return run_serial(sweep)
+    return run_mpi(sweep, comm)
+
+
+class Tasker:
+    """Drop-in for the blog post's Tasker: same ``map`` call, same output file, but errors are never swallowed
+    and every rank gets the results.
+
+    ``map(filename, fn, args)`` runs ``fn(arg)`` for each arg on ranks 1..N-1 (rank 0 schedules), caches each
+    finished job under ``filename + '.mpi'``, and returns ``[(index, [arg], result), ...]`` on every rank.
+    """
+
+    def __init__(self, method="MPI", *, comm=None, verbose=False, retries=0, on_code_change="warn",
+                 chunksize=None):
+        self.comm = comm if comm is not None else world_communicator(method)
+        if self.comm is None:
+            self.rank, self.size = 0, 1
+        else:
+            self.rank, self.size = self.comm.Get_rank(), self.comm.Get_size()
+        self.root = 0
+        self.verbose = verbose
+        self.retries = retries
+        self.on_code_change = on_code_change
+        self.chunksize = chunksize
+        if verbose:
+            enable_verbose_logging(self.rank)
+
+    def __repr__(self):
+        return f"<Tasker rank {self.rank} of {self.size}>"
+
+    def isroot(self):
+        return self.rank == self.root
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, exc_type, exc, tb):
+        return False
+
+    def map(self, filename, fn, args, *, force=False, retries=None, chunksize=None, on_code_change=None):
+        """Run every job not already cached; return ``(index, [arg], result)`` triples on every rank."""
+        jobs = _job_list(args)
+        sweep = Sweep(fn, jobs, filename,
+                      retries=self.retries if retries is None else retries, force=force,
+                      on_code_change=on_code_change or self.on_code_change,
+                      chunksize=chunksize or self.chunksize, verbose=self.verbose)
+        values = run_sweep(sweep, self.comm)
+        return [(i, [arg], value) for i, (arg, value) in enumerate(zip(jobs, values))]
+
+
+def mpimap(fn, iterable, cache, *, comm=None, retries=0, force=False, chunksize=None, verbose=False,
+           on_code_change="warn"):
+    """``[fn(x) for x in iterable]`` over MPI ranks, memoised in ``cache`` (an output file path).
+
+    Run the same script on every rank (``mpiexec -n 4 python script.py``); every rank gets the list.
+    """
+    if cache is None:
+        raise UsageError("mpimap needs cache='results.pkl': the output file that keeps finished jobs across "
+                         "crashes and reruns")
+    if comm is None:
+        comm = world_communicator()
+    if verbose:
+        enable_verbose_logging(0 if comm is None else comm.Get_rank())
+    sweep = Sweep(fn, _job_list(iterable), cache, retries=retries, force=force, chunksize=chunksize,
+                  verbose=verbose, on_code_change=on_code_change)
+    return run_sweep(sweep, comm)
