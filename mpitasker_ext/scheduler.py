@@ -33,19 +33,34 @@ _unfinished_aborts = []  # isend requests must outlive the call that made them
 
 
 class Backoff:
-    """Sleep a little longer each idle poll, up to tmax; reset when something arrives."""
+    """Sleep a little longer each idle poll, up to tmax; reset when something arrives.
 
-    def __init__(self, tmax=0.001):
+    After ``relax_after`` seconds without news the cap rises to ``tmax_idle``: a rank that has waited that
+    long loses at most 0.4% of the wait in latency, and its wake-ups cost a third of the CPU.
+    """
+
+    def __init__(self, tmax=0.001, tmax_idle=0.004, relax_after=1.0):
         self.tmax = tmax
+        self.tmax_idle = tmax_idle
+        self.relax_after = relax_after
         self.tmin = tmax / 1024
         self.tval = 0.0
+        self._idle_since = None
 
     def reset(self):
         self.tval = 0.0
+        self._idle_since = None
 
     def sleep(self):
         time.sleep(self.tval)
-        self.tval = min(self.tmax, max(self.tmin, self.tval * 2))
+        cap = self.tmax
+        if self.tval >= self.tmax:
+            now = time.monotonic()
+            if self._idle_since is None:
+                self._idle_since = now
+            elif now - self._idle_since > self.relax_after:
+                cap = self.tmax_idle
+        self.tval = min(cap, max(self.tmin, self.tval * 2))
 
 
 @dataclass
@@ -176,12 +191,14 @@ class Ledger:
         self.nworkers = nworkers
         self._last_write = 0.0
         self._last_log = time.monotonic()
+        self._dirty = True
 
     def running(self):
         return sum(cur[1] for cur in (r["current"] for r in self.ranks.values()) if cur)
 
     def record(self, rank, ok_count, failures, retries):
         """Book a finished batch; return the failed indices that should be tried again."""
+        self._dirty = True
         self.computed += ok_count
         info = self.ranks[rank]
         info["done"] += ok_count
@@ -215,10 +232,17 @@ class Ledger:
             "failures": [{"index": i, "error": self.failed[i]} for i in shown],
         }
 
+    def set_current(self, rank, batch):
+        self.ranks[rank]["current"] = [batch[0], len(batch)] if batch else None
+        self._dirty = True
+
     def maybe_write(self, state="running", force=False):
+        """Rewrite the status when something changed (<= 4/s), and as a heartbeat every 2 s regardless."""
         now = time.monotonic()
-        if force or now - self._last_write >= STATUS_INTERVAL:
+        since = now - self._last_write
+        if force or (self._dirty and since >= STATUS_INTERVAL) or since >= HEARTBEAT_INTERVAL:
             self._last_write = now
+            self._dirty = False
             self.cache.write_status(self.status(state))
         if now - self._last_log >= 30.0:
             self._last_log = now
@@ -382,9 +406,9 @@ def run_serial(sweep):
         try:
             while queue:
                 index = queue.popleft()
-                ledger.ranks[0]["current"] = [index, 1]
+                ledger.set_current(0, [index])
                 ok_count, failures, _ = _run_batch(sweep, [index], journal, 0)
-                ledger.ranks[0]["current"] = None
+                ledger.set_current(0, None)
                 queue.extend(ledger.record(0, ok_count, failures, sweep.retries))
                 ledger.maybe_write()
         finally:
@@ -505,7 +529,7 @@ def _dispatch(sweep, comm, MPI, pending, ledger):
             sends.append(comm.isend(batch, dest=worker, tag=TAG_TASKS))
             outstanding[worker].append(batch)
             if len(outstanding[worker]) == 1:
-                ledger.ranks[worker]["current"] = [batch[0], len(batch)]
+                ledger.set_current(worker, batch)
 
     for w in workers:
         feed(w)
@@ -523,15 +547,14 @@ def _dispatch(sweep, comm, MPI, pending, ledger):
             measured = seconds / len(batch)
             per_job = measured if per_job is None else 0.7 * per_job + 0.3 * measured
             queue.extend(ledger.record(source, ok_count, failures, sweep.retries))
-            nxt = outstanding[source]
-            ledger.ranks[source]["current"] = [nxt[0][0], len(nxt[0])] if nxt else None
+            ledger.set_current(source, outstanding[source][0] if outstanding[source] else None)
             feed(source)
         elif tag == TAG_FATAL:
             fatal = f"rank {source} on {message[0]} failed outside of a job: {message[1]}"
             log.error("%s; stopping the run", fatal)
             queue.clear()
             outstanding[source].clear()
-            ledger.ranks[source]["current"] = None
+            ledger.set_current(source, None)
         sends[:] = [req for req in sends if not req.Test()]
         ledger.maybe_write()
     for req in sends:

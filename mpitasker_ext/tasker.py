@@ -1,7 +1,9 @@
 """The seed-compatible ``Tasker`` and a plain ``mpimap()``: pick the communicator, build the sweep, run it."""
 
+import io
 import logging
 import os
+import sys
 
 from .errors import MPITaskerError, UsageError
 from .scheduler import Sweep, run_mpi, run_serial
@@ -35,12 +37,27 @@ def world_communicator(method="MPI"):
         log.info("mpi4py is not available (%s); running jobs serially in this process", exc)
         return None
     comm = MPI.COMM_WORLD
+    if comm.size > 1:
+        line_atomic_stdout()
     if comm.size == 1 and _launcher_size() > 1:
         raise MPITaskerError(
             f"mpiexec started {_launcher_size()} processes but each sees an MPI world of size 1: this mpiexec "
             "belongs to another MPI library than the one mpi4py was built for. Use the mpiexec next to this "
             "Python (e.g. the 'mpich' wheel's, in the environment's bin/), or rebuild mpi4py for your MPI.")
     return comm
+
+
+def line_atomic_stdout():
+    """Under mpiexec, make each printed line one write, so lines of different ranks never interleave.
+
+    ``python -u`` writes every piece of a print separately; line buffering keeps output just as prompt.
+    """
+    for stream in (sys.stdout, sys.stderr):
+        if isinstance(stream, io.TextIOWrapper) and stream.write_through:
+            try:
+                stream.reconfigure(line_buffering=True, write_through=False)
+            except (ValueError, OSError) as exc:
+                log.debug("cannot make %s line buffered: %s", stream, exc)
 
 
 def _job_list(args):
