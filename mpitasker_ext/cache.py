@@ -238,13 +238,19 @@ def _read_json(path):
 
 
 def _pid_alive(pid):
+    """True for a running process; a zombie (killed, not yet reaped by a lax init) counts as dead."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
     except PermissionError:
         return True
-    return True
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            state = f.read().rsplit(b")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return True
+    return state != b"Z"
 
 
 class RunCache:

@@ -501,7 +501,7 @@ def batch_size(seconds_per_job, remaining, nworkers, chunksize=None):
         return max(1, min(chunksize, remaining))
     if seconds_per_job is None:
         return 1
-    size = int(TARGET_BATCH_SECONDS / max(seconds_per_job, 1e-7))
+    size = round(TARGET_BATCH_SECONDS / max(seconds_per_job, 1e-7))
     fair = math.ceil(remaining / (2 * nworkers))
     return max(1, min(size, fair, remaining))
 

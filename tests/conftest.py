@@ -1,0 +1,90 @@
+"""Helpers to run real scripts under a real mpiexec (MPICH from the environment's bin/)."""
+
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+BIN = os.path.dirname(sys.executable)
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def find_mpiexec():
+    candidate = os.path.join(BIN, "mpiexec")
+    return candidate if os.access(candidate, os.X_OK) else shutil.which("mpiexec")
+
+
+@pytest.fixture(scope="session")
+def mpiexec():
+    path = find_mpiexec()
+    if path is None:
+        pytest.fail("no mpiexec found: install the test extras (pip install -e '.[mpich,test]')")
+    return path
+
+
+class Runner:
+    """Writes a script into a temp dir and runs it with mpiexec -n N (or plain python for n=0)."""
+
+    def __init__(self, mpiexec, workdir):
+        self.mpiexec = mpiexec
+        self.workdir = workdir
+
+    def write(self, name, source):
+        path = os.path.join(self.workdir, name)
+        with open(path, "w") as f:
+            f.write(textwrap.dedent(source))
+        return path
+
+    def command(self, script, n, *args):
+        base = [sys.executable, "-u", script, *map(str, args)]
+        return base if n == 0 else [self.mpiexec, "-n", str(n), *base]
+
+    def run(self, script, n=4, *args, timeout=120, check=True):
+        env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
+        proc = subprocess.run(self.command(script, n, *args), cwd=self.workdir, capture_output=True, text=True,
+                              timeout=timeout, env=env)
+        if check and proc.returncode != 0:
+            raise AssertionError(f"exit {proc.returncode}\nstdout:\n{proc.stdout}\nstderr:\n{proc.stderr}")
+        return proc
+
+    def path(self, *parts):
+        return os.path.join(self.workdir, *parts)
+
+    def executions(self, name="exec.log"):
+        """Job indices in the order they ran, from the side-effect file the job scripts append to."""
+        try:
+            with open(self.path(name)) as f:
+                return [int(line) for line in f if line.strip()]
+        except FileNotFoundError:
+            return []
+
+
+@pytest.fixture
+def runner(mpiexec, tmp_path):
+    return Runner(mpiexec, str(tmp_path))
+
+
+# A job script most tests share: logs each execution, so tests can count what ran again.
+COUNTING_JOB = """
+    import os, sys, time
+    from mpitasker_ext import Tasker
+    N = int(sys.argv[1]) if len(sys.argv) > 1 else 50
+    SHIFT = int(os.environ.get('SHIFT', '0'))
+    DELAY = float(os.environ.get('DELAY', '0'))
+    def work(x):
+        if DELAY:
+            time.sleep(DELAY)
+        fd = os.open('exec.log', os.O_WRONLY | os.O_APPEND | os.O_CREAT)
+        os.write(fd, f'{x if isinstance(x, int) else x[0]}\\n'.encode())
+        os.close(fd)
+        return x * 10 if isinstance(x, int) else ('changed', x)
+    args = list(range(N))
+    if SHIFT:
+        args[SHIFT] = (SHIFT, 'new')
+    with Tasker() as tsk:
+        data = tsk.map('out.pkl', work, args)
+    print('RESULT', tsk.rank, len(data), data[-1], flush=True)
+"""

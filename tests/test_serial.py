@@ -1,0 +1,148 @@
+"""In-process runs (no mpiexec): the serial path keeps every rule of the MPI path."""
+
+import logging
+import os
+import pickle
+
+import pytest
+
+from mpitasker_ext import JobsFailed, Tasker, UsageError, mpimap
+from mpitasker_ext.scheduler import batch_size
+
+
+@pytest.fixture(autouse=True)
+def in_tmp(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+
+
+def test_serial_map_writes_seed_output_and_removes_run_dir():
+    calls = []
+
+    def square(x):
+        calls.append(x)
+        return x * x
+    data = Tasker(method="serial").map("sq.pkl", square, range(20))
+    assert data == [(i, [i], i * i) for i in range(20)]
+    assert not os.path.exists("sq.pkl.mpi")
+    assert pickle.load(open("sq.pkl", "rb")) == (data,)
+    again = Tasker(method="serial").map("sq.pkl", square, range(20))
+    assert again == data and len(calls) == 20
+
+
+def test_failures_are_cached_around_and_rerun_alone():
+    calls = []
+    broken = {3, 7}
+
+    def job(x):
+        calls.append(x)
+        if x in broken:
+            raise ValueError(f"bad {x}")
+        return -x
+    with pytest.raises(JobsFailed) as info:
+        mpimap(job, range(10), "f.pkl", comm=None)
+    assert info.value.indices == [3, 7]
+    assert "ValueError: bad 3" in str(info.value) and "indices 3, 7" in str(info.value)
+    assert "job(" not in info.value.failures[3].splitlines()[1]  # first frame is the job's own code
+    assert os.path.isdir("f.pkl.mpi") and not os.path.exists("f.pkl")
+    broken.clear()
+    calls.clear()
+    assert mpimap(job, range(10), "f.pkl") == [-x for x in range(10)]
+    assert sorted(calls) == [3, 7]
+
+
+def test_retries_run_a_flaky_job_again():
+    attempts = {}
+
+    def flaky(x):
+        attempts[x] = attempts.get(x, 0) + 1
+        if x == 2 and attempts[x] < 3:
+            raise RuntimeError("flaky")
+        return x
+    assert mpimap(flaky, range(4), "r.pkl", retries=2) == [0, 1, 2, 3]
+    assert attempts[2] == 3
+
+
+def test_unpicklable_result_is_a_per_job_failure():
+    def job(x):
+        return (lambda: x) if x == 1 else x
+    with pytest.raises(JobsFailed, match="cannot be pickled") as info:
+        mpimap(job, range(3), "u.pkl")
+    assert info.value.indices == [1]
+
+
+def test_changed_args_recompute_only_changed_jobs_even_after_output_exists(caplog):
+    calls = []
+
+    def job(x):
+        calls.append(x)
+        return x * 2
+    mpimap(job, [1, 2, 3, 4], "c.pkl")
+    calls.clear()
+    with caplog.at_level(logging.WARNING):
+        assert mpimap(job, [1, 2, 30, 4, 5], "c.pkl") == [2, 4, 60, 8, 10]
+    assert calls == [30, 5]
+    assert "other arguments" in caplog.text
+
+
+def test_code_change_policies(caplog):
+    mpimap(lambda x: x + 1, [1, 2], "k.pkl", retries=0)
+    os.remove("k.pkl")  # keep the run dir state realistic: records exist, output does not
+    calls = []
+
+    def first(x):
+        calls.append(x)
+        if x == 2:
+            raise ValueError("stop")
+        return x + 1
+    with pytest.raises(JobsFailed):
+        mpimap(first, [1, 2], "k2.pkl")
+
+    def changed(x):
+        calls.append(x)
+        return x * 100
+    from mpitasker_ext import CodeChanged
+    with pytest.raises(CodeChanged, match="--force.*--reuse"):
+        mpimap(changed, [1, 2], "k2.pkl", on_code_change="error")
+    calls.clear()
+    with caplog.at_level(logging.WARNING):
+        assert mpimap(changed, [1, 2], "k2.pkl") == [2, 200]
+    assert calls == [2] and "code changed" in caplog.text
+
+
+def test_force_recomputes_everything():
+    calls = []
+    mpimap(lambda x: calls.append(x) or x, range(3), "force.pkl")
+    mpimap(lambda x: calls.append(x) or x, range(3), "force.pkl", force=True)
+    assert calls == [0, 1, 2, 0, 1, 2]
+
+
+@pytest.mark.parametrize("args, message", [
+    (5, "must be an iterable"),
+    ([], "empty"),
+    (iter([]), "empty"),
+    ("abc", "pass a list"),
+])
+def test_bad_args_are_named_and_write_nothing(args, message):
+    with pytest.raises(UsageError, match=message):
+        Tasker(method="serial").map("bad.pkl", str, args)
+    assert os.listdir(".") == []
+
+
+def test_bad_options_are_named():
+    with pytest.raises(UsageError, match="retries"):
+        mpimap(str, [1], "o.pkl", retries=-1)
+    with pytest.raises(UsageError, match="callable"):
+        mpimap(5, [1], "o.pkl")
+    with pytest.raises(UsageError, match="cache="):
+        mpimap(str, [1], None)
+    with pytest.raises(UsageError, match="does not exist"):
+        mpimap(str, [1], "missing/dir/o.pkl")
+    assert os.listdir(".") == []
+
+
+def test_batch_size_adapts_and_shrinks_at_the_end():
+    assert batch_size(None, 1000, 3) == 1                  # nothing measured yet
+    assert batch_size(1e-5, 100000, 3) == 2000             # 20 ms worth of 10 us jobs
+    assert batch_size(1e-5, 600, 3) == 100                 # at most half a fair share of what is left
+    assert batch_size(0.25, 1000, 3) == 1                  # long jobs go one by one
+    assert batch_size(1e-5, 100000, 3, chunksize=7) == 7
