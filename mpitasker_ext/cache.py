@@ -110,7 +110,7 @@ def _hash_code(h, code):
 def _stable_bytes(value):
     try:
         return pickle.dumps(value, protocol=HASH_PROTOCOL)
-    except Exception:
+    except Exception:  # noqa: BLE001 - any unpicklable capture still gets a (weaker) identity
         return type(value).__qualname__.encode()
 
 
@@ -287,7 +287,7 @@ class RunCache:
                 data = pickle.load(f)
         except FileNotFoundError:
             return None
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 - unpickling damaged bytes can raise almost anything
             log.warning("output file %s cannot be read (%s: %s); recomputing it", self.output,
                         type(exc).__name__, exc)
             return None

@@ -133,7 +133,7 @@ def _failure_payload(index, arg, exc, skip_frames):
 def _short_repr(value, limit=200):
     try:
         text = repr(value)
-    except Exception as exc:
+    except Exception as exc:  # noqa: BLE001 - a user object's repr must not hide the real failure
         text = f"<{type(value).__name__}: repr failed: {exc}>"
     return text if len(text) <= limit else text[:limit] + "..."
 
@@ -143,11 +143,11 @@ def execute_job(fn, index, arg):
     start = time.perf_counter()
     try:
         value = fn(arg)
-    except Exception as exc:
+    except Exception as exc:  # noqa: BLE001 - whatever the job raises becomes its failure record
         return False, _failure_payload(index, arg, exc, skip_frames=1), time.perf_counter() - start
     try:
         payload = pickle.dumps(value, protocol=cachemod.RESULT_PROTOCOL)
-    except Exception as exc:
+    except Exception as exc:  # noqa: BLE001 - pickling a user object can raise any type
         wrapped = TypeError(f"the result of type {type(value).__name__} cannot be pickled ({exc}); "
                             "return plain data (numbers, arrays, dicts) from the job")
         return False, _failure_payload(index, arg, wrapped, skip_frames=0), time.perf_counter() - start
@@ -431,10 +431,8 @@ def run_mpi(sweep, comm):
 
     run_comm = comm.Dup()
     try:
-        if run_comm.rank == 0:
-            outcome = _root(sweep, run_comm, MPI)
-        else:
-            outcome = _worker(sweep, run_comm, MPI)
+        role = _root if run_comm.rank == 0 else _worker
+        outcome = role(sweep, run_comm, MPI)
     finally:
         run_comm.Free()
     if outcome.values is None:
@@ -491,7 +489,7 @@ def _abort_workers(comm, exc):
     for w in range(1, comm.size):
         try:
             _unfinished_aborts.append(comm.isend((header, False), dest=w, tag=TAG_FINAL))
-        except Exception as send_exc:
+        except Exception as send_exc:  # noqa: BLE001 - best effort while already failing
             log.debug("could not tell rank %d to stop: %s", w, send_exc)
 
 

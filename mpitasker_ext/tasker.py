@@ -134,7 +134,7 @@ class Tasker:
                       on_code_change=on_code_change or self.on_code_change,
                       chunksize=chunksize or self.chunksize, verbose=self.verbose)
         values = run_sweep(sweep, self.comm)
-        return [(i, [arg], value) for i, (arg, value) in enumerate(zip(jobs, values))]
+        return [(i, [arg], value) for i, (arg, value) in enumerate(zip(jobs, values, strict=True))]
 
 
 def mpimap(fn, iterable, cache, *, comm=None, retries=0, force=False, chunksize=None, verbose=False,
