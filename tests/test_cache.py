@@ -9,6 +9,7 @@ import sys
 
 import pytest
 
+from conftest import REPO
 from mpitasker_ext import cache
 from mpitasker_ext.errors import RunLocked, UsageError
 
@@ -117,7 +118,7 @@ def test_lock_refuses_a_live_holder_and_takes_over_a_dead_one(run):
 
 def test_args_digest_is_the_same_in_every_process():
     arg = ({"b", "a", "c"}, frozenset({"x", "y"}), [1.5, "s"], {"k": {"v", "w"}})
-    code = (f"import sys; sys.path.insert(0, {os.getcwd()!r}); from mpitasker_ext.cache import args_digest; "
+    code = (f"import sys; sys.path.insert(0, {REPO!r}); from mpitasker_ext.cache import args_digest; "
             f"print(args_digest({arg!r}).hex())")
     seen = {subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                            env=dict(os.environ, PYTHONHASHSEED=str(seed))).stdout for seed in (1, 2, 3)}
