@@ -302,10 +302,10 @@ def prepare(sweep):
         done, changed = set(), 0
         for rec in cache.read_records():
             if rec.ok and rec.index < n and rec.index not in done:
-                if rec.digest == _digest(digests, sweep.args, rec.index):
-                    done.add(rec.index)
-                else:
+                if rec.digest != _digest(digests, sweep.args, rec.index):
                     changed += 1
+                elif _loadable(rec):
+                    done.add(rec.index)
         if changed:
             log.warning("%d cached records were made for other arguments than now; recomputing those jobs", changed)
         prepared.cached = len(done)
@@ -314,6 +314,17 @@ def prepare(sweep):
         cache.release_lock()
         raise
     return prepared
+
+
+def _loadable(rec):
+    """A record whose result no longer unpickles (a renamed class, say) is recomputed, not a crash at the end."""
+    try:
+        rec.value()
+    except Exception as exc:  # noqa: BLE001 - unpickling can raise any type
+        log.warning("the cached result of job %d cannot be loaded (%s: %s); recomputing it", rec.index,
+                    type(exc).__name__, exc)
+        return False
+    return True
 
 
 def _check_manifest(sweep, cache):

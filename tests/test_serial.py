@@ -146,3 +146,17 @@ def test_batch_size_adapts_and_shrinks_at_the_end():
     assert batch_size(1e-5, 600, 3) == 100                 # at most half a fair share of what is left
     assert batch_size(0.25, 1000, 3) == 1                  # long jobs go one by one
     assert batch_size(1e-5, 100000, 3, chunksize=7) == 7
+
+
+def test_a_cached_result_that_no_longer_unpickles_is_recomputed(caplog):
+    from mpitasker_ext import cache
+    run = cache.RunCache("gone.pkl")
+    run.create()
+    journal = run.new_journal(1)
+    journal.append(0, True, cache.args_digest(0), 0.0, b"\x80\x05cno_such_module_anymore\nThing\n.")
+    journal.append(1, True, cache.args_digest(1), 0.0, pickle.dumps("kept"))
+    journal.close()
+    calls = []
+    with caplog.at_level(logging.WARNING):
+        assert mpimap(lambda x: calls.append(x) or "new", [0, 1], "gone.pkl") == ["new", "kept"]
+    assert calls == [0] and "job 0 cannot be loaded" in caplog.text
