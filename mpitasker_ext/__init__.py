@@ -5,5 +5,12 @@ from .tasker import Tasker, mpimap
 
 __version__ = "0.1.0"
 
+
+def load_ipython_extension(ipython):
+    """%load_ext mpitasker_ext: registers %%mpimap and %mpicluster."""
+    from .magics import load
+
+    load(ipython)
+
 __all__ = ["Tasker", "mpimap", "MPITaskerError", "UsageError", "CacheError", "RunLocked", "CodeChanged",
-           "JobsFailed", "WorkerError", "__version__"]
+           "JobsFailed", "WorkerError", "load_ipython_extension", "__version__"]

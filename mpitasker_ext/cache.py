@@ -16,6 +16,7 @@ import shutil
 import socket
 import struct
 import time
+import types
 import zlib
 from dataclasses import dataclass
 
@@ -28,6 +29,7 @@ RUN_SUFFIX = ".mpi"
 MANIFEST = "manifest.json"
 STATUS = "status.json"
 LOCK = "lock.json"
+META_SUFFIX = ".code.json"
 JOURNAL_PREFIX = "journal-"
 JOURNAL_SUFFIX = ".bin"
 JOURNAL_MAGIC_LINE = b"MPITASKER-JOURNAL %d\n"
@@ -72,27 +74,50 @@ def _canonical(value):
 
 
 def code_fingerprint(fn):
-    """A hash of what the function does (bytecode, constants, names, captured values), not where its lines are."""
+    """A hash of what the function does: bytecode, constants, names, captured values and the globals it reads
+    (recursively through the functions it calls), not where its lines are or which file defined it."""
     h = hashlib.blake2b(digest_size=16)
-    _hash_callable(h, fn, depth=0)
+    _hash_callable(h, fn, depth=0, seen=set())
     return h.hexdigest()
 
 
-def _hash_callable(h, fn, depth):
+def _hash_callable(h, fn, depth, seen):
     code = getattr(fn, "__code__", None)
-    if code is None:
+    if code is None or id(fn) in seen:
         h.update(repr(getattr(fn, "__qualname__", type(fn).__qualname__)).encode())
         return
+    seen.add(id(fn))
     _hash_code(h, code)
-    for cell in getattr(fn, "__closure__", None) or ():
-        try:
-            value = cell.cell_contents
-        except ValueError:
-            continue
-        if callable(value) and hasattr(value, "__code__") and depth < 3:
-            _hash_callable(h, value, depth + 1)
+    values = [cell.cell_contents for cell in (getattr(fn, "__closure__", None) or ()) if _cell_filled(cell)]
+    namespace = getattr(fn, "__globals__", {})
+    names = sorted(n for n in _global_names(code) if n in namespace)
+    for name, value in [(None, v) for v in values] + [(n, namespace[n]) for n in names]:
+        if name:
+            h.update(name.encode())
+        if isinstance(value, types.ModuleType):
+            h.update(b"module:" + value.__name__.encode())
+        elif hasattr(value, "__code__") and depth < 4:
+            _hash_callable(h, value, depth + 1, seen)
+        elif isinstance(value, type):
+            h.update(b"class:" + value.__qualname__.encode())
         else:
             h.update(_stable_bytes(value))
+
+
+def _cell_filled(cell):
+    try:
+        cell.cell_contents  # noqa: B018 - an empty cell raises
+    except ValueError:
+        return False
+    return True
+
+
+def _global_names(code):
+    names = set(code.co_names)
+    for const in code.co_consts:
+        if hasattr(const, "co_names"):
+            names |= _global_names(const)
+    return names
 
 
 def _hash_code(h, code):
@@ -301,6 +326,18 @@ class RunCache:
     def write_output(self, triples):
         """The seed's format: a pickled 1-tuple holding the list of (index, [arg], result)."""
         atomic_write_bytes(self.output, pickle.dumps((triples,), protocol=RESULT_PROTOCOL))
+
+    # -- code identity of a finished output (kept only when the caller asks: the notebook magic) ---------------
+    @property
+    def meta_path(self):
+        return self.output + META_SUFFIX
+
+    def write_meta(self, njobs, fingerprint, function_name=""):
+        meta = {"format": FORMAT_VERSION, "njobs": njobs, "code": fingerprint, "function": function_name}
+        atomic_write_bytes(self.meta_path, json.dumps(meta).encode(), durable=False)
+
+    def read_meta(self):
+        return _read_json(self.meta_path)
 
     # -- run directory -----------------------------------------------------------------------------------------
     def exists(self):

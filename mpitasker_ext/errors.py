@@ -4,6 +4,11 @@
 class MPITaskerError(Exception):
     """Base class: anything mpitasker_ext raises on purpose."""
 
+    def _render_traceback_(self):
+        """IPython shows this instead of a traceback through our internals: the message tells the whole story."""
+        lines = str(self).splitlines() or [""]
+        return [f"{type(self).__name__}: {lines[0]}", *lines[1:]]
+
 
 class UsageError(MPITaskerError, ValueError):
     """A bad argument, caught before anything ran or was written."""

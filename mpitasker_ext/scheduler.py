@@ -77,6 +77,7 @@ class Sweep:
     verbose: bool = False
     fingerprint: str = ""
     function_name: str = ""
+    remember_code: bool = False  # keep the code fingerprint beside the output, to catch changes after success
 
     def __post_init__(self):
         if self.on_code_change not in CODE_CHANGE_POLICIES:
@@ -87,8 +88,6 @@ class Sweep:
             raise UsageError(f"chunksize={self.chunksize!r} must be a whole number >= 1 (or None to adapt)")
         if not callable(self.fn):
             raise UsageError(f"the job function must be callable, got {type(self.fn).__name__}")
-        if not self.fingerprint:
-            self.fingerprint = cachemod.code_fingerprint(self.fn)
         if not self.function_name:
             self.function_name = getattr(self.fn, "__qualname__", type(self.fn).__name__)
 
@@ -271,12 +270,17 @@ def prepare(sweep):
     """Rank 0 before any work: reuse the output or the run directory, and list the jobs still to run."""
     cache = cachemod.RunCache(sweep.output)
     cache.check_output_path()
+    if not sweep.fingerprint:
+        sweep.fingerprint = cachemod.code_fingerprint(sweep.fn)
     n = len(sweep.args)
     digests = [None] * n
     prepared = _Prepared(cache, digests)
     reusable = {}
     if not sweep.force:
         existing = cache.read_output()
+        if existing is not None and sweep.remember_code and not _output_code_usable(sweep, cache):
+            existing = None
+            sweep.force = True
         if existing is not None:
             for index, arg_list, value in existing:
                 if isinstance(index, int) and 0 <= index < n and \
@@ -327,6 +331,27 @@ def _loadable(rec):
     return True
 
 
+def _code_change(sweep, what):
+    """Apply the on_code_change policy; True when cached results may be used."""
+    policy = sweep.on_code_change
+    if policy == "error":
+        raise CodeChanged(f"{what}. Choose: recompute everything (force / --force) or keep the cached "
+                          "results (reuse / --reuse).")
+    if policy == "recompute":
+        log.warning("%s; recomputing, as asked (on_code_change='recompute')", what)
+        return False
+    if policy == "warn":
+        log.warning("%s; reusing the cached results. Pass force=True (or delete them) to recompute.", what)
+    return True
+
+
+def _output_code_usable(sweep, cache):
+    meta = cache.read_meta()
+    if meta is None or meta.get("code") == sweep.fingerprint:
+        return True
+    return _code_change(sweep, f"the code that made {cache.output} differs from the code now")
+
+
 def _check_manifest(sweep, cache):
     manifest = cache.read_manifest()
     if sweep.force:
@@ -340,18 +365,10 @@ def _check_manifest(sweep, cache):
         log.warning("%s was written by cache format %s, this is format %d; its records will be recomputed",
                     cache.run_dir, manifest.get("format"), cachemod.FORMAT_VERSION)
     elif manifest is not None and manifest.get("code") != sweep.fingerprint and cache.journal_paths():
-        policy = sweep.on_code_change
         what = (f"the job function's code changed since {cache.run_dir} was written "
                 f"(function {manifest.get('function')!r} then, {sweep.function_name!r} now)")
-        if policy == "error":
-            raise CodeChanged(f"{what}. Choose: recompute everything (force / --force) or keep the cached "
-                              "results (reuse / --reuse).")
-        if policy == "recompute":
-            log.warning("%s; discarding the cached records as asked (on_code_change='recompute')", what)
+        if not _code_change(sweep, what):
             cache.discard_records()
-        elif policy == "warn":
-            log.warning("%s; reusing the cached results. Pass force=True (or delete %s) to recompute them.",
-                        what, cache.run_dir)
     cache.write_manifest(len(sweep.args), sweep.fingerprint, sweep.function_name)
 
 
@@ -385,6 +402,8 @@ def finish(sweep, prepared, ledger):
             f"worker may have lost its journal. Rerun to compute them; finished work is kept in {cache.run_dir}"))
     values = [best[i].value() for i in range(n)]
     cache.write_output([(i, [args[i]], values[i]) for i in range(n)])
+    if sweep.remember_code:
+        cache.write_meta(n, sweep.fingerprint, sweep.function_name)
     cache.remove()
     return Outcome(values=values)
 

@@ -60,7 +60,7 @@ def line_atomic_stdout():
                 log.debug("cannot make %s line buffered: %s", stream, exc)
 
 
-def _job_list(args):
+def job_list(args):
     if isinstance(args, (str, bytes)):
         raise UsageError(f"args is a {type(args).__name__}; pass a list of job arguments, e.g. [{args!r}] for "
                          "one job")
@@ -128,7 +128,7 @@ class Tasker:
 
     def map(self, filename, fn, args, *, force=False, retries=None, chunksize=None, on_code_change=None):
         """Run every job not already cached; return ``(index, [arg], result)`` triples on every rank."""
-        jobs = _job_list(args)
+        jobs = job_list(args)
         sweep = Sweep(fn, jobs, filename,
                       retries=self.retries if retries is None else retries, force=force,
                       on_code_change=on_code_change or self.on_code_change,
@@ -150,6 +150,6 @@ def mpimap(fn, iterable, cache, *, comm=None, retries=0, force=False, chunksize=
         comm = world_communicator()
     if verbose:
         enable_verbose_logging(0 if comm is None else comm.Get_rank())
-    sweep = Sweep(fn, _job_list(iterable), cache, retries=retries, force=force, chunksize=chunksize,
+    sweep = Sweep(fn, job_list(iterable), cache, retries=retries, force=force, chunksize=chunksize,
                   verbose=verbose, on_code_change=on_code_change)
     return run_sweep(sweep, comm)

@@ -10,6 +10,15 @@ import pytest
 
 BIN = os.path.dirname(sys.executable)
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CLUSTER_PROFILE = "mpitest"
+CLUSTER_ENGINES = 4
+
+
+def pytest_configure(config):
+    """Isolate IPython profiles (and so clusters) from the user's, and find this environment's mpiexec."""
+    import tempfile
+    os.environ["IPYTHONDIR"] = tempfile.mkdtemp(prefix="mpitasker-ipython-")
+    os.environ["PATH"] = BIN + os.pathsep + os.environ.get("PATH", "")
 
 
 def find_mpiexec():
@@ -88,3 +97,19 @@ COUNTING_JOB = """
         data = tsk.map('out.pkl', work, args)
     print('RESULT', tsk.rank, len(data), data[-1], flush=True)
 """
+
+
+@pytest.fixture(scope="session")
+def mpi_cluster():
+    """One real ipcluster of MPI engines for the whole session (profile 'mpitest'); yields a client."""
+    import ipyparallel as ipp
+    ipcluster = os.path.join(BIN, "ipcluster")
+    subprocess.run([ipcluster, "start", "--engines=MPI", f"-n={CLUSTER_ENGINES}", "--daemonize",
+                    f"--profile={CLUSTER_PROFILE}"], check=True, capture_output=True, timeout=120)
+    try:
+        client = ipp.Client(profile=CLUSTER_PROFILE, timeout=60)
+        client.wait_for_engines(CLUSTER_ENGINES, timeout=120)
+        yield client
+        client.close()
+    finally:
+        subprocess.run([ipcluster, "stop", f"--profile={CLUSTER_PROFILE}"], capture_output=True, timeout=120)

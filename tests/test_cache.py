@@ -152,6 +152,28 @@ def test_code_fingerprint_follows_code_and_captured_values_not_layout():
     assert cache.code_fingerprint(f) != cache.code_fingerprint(f2)
 
 
+SCALE = 2
+
+
+def _helper(x):
+    return x * SCALE
+
+
+def _uses_helper(x):
+    return _helper(x) + 1
+
+
+def test_code_fingerprint_follows_globals_read_through_called_functions():
+    global SCALE
+    before = cache.code_fingerprint(_uses_helper)
+    SCALE = 3
+    try:
+        assert cache.code_fingerprint(_uses_helper) != before
+    finally:
+        SCALE = 2
+    assert cache.code_fingerprint(_uses_helper) == before
+
+
 def test_output_path_problems_are_named(tmp_path):
     with pytest.raises(UsageError, match="is a directory"):
         cache.RunCache(str(tmp_path)).check_output_path()

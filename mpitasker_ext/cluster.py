@@ -1,0 +1,196 @@
+"""Find or start an ipyparallel cluster whose engines form one MPI world, and run a sweep on it.
+
+The kernel never imports ``mpi4py.MPI`` (MPI inside a Jupyter kernel hangs or kills it); it talks to the engines
+through ipyparallel only. The job travels once, as one payload, to every engine; from then on MPI carries only
+job indices between the engines. Rank 0 of the engines runs the scheduler, the others the worker loop.
+"""
+
+import logging
+import os
+import shutil
+import sys
+from dataclasses import dataclass, field
+
+from .errors import MPITaskerError, UsageError
+
+log = logging.getLogger(__name__)
+
+CONNECT_TIMEOUT = 5.0
+START_TIMEOUT = 120.0
+HOW_TO_START = ("start one with  %mpicluster start -n 4  in the notebook, or  ipcluster start --engines=MPI -n 4  "
+                "in a terminal")
+
+
+class ClusterError(MPITaskerError):
+    """No usable cluster, or engines that are not one MPI world."""
+
+
+def mpiexec_path():
+    """The mpiexec of this environment (the 'mpich' wheel puts it in bin/), even when bin/ is not on PATH."""
+    candidate = os.path.join(os.path.dirname(sys.executable), "mpiexec")
+    if os.access(candidate, os.X_OK):
+        return candidate
+    found = shutil.which("mpiexec")
+    if found is None:
+        raise ClusterError("no mpiexec found next to this Python or on PATH: install an MPI "
+                           "(pip install 'mpitasker_ext[mpich]') or put your site's mpiexec on PATH")
+    return found
+
+
+def _import_ipyparallel():
+    try:
+        import ipyparallel
+    except ImportError as exc:
+        raise ClusterError(f"ipyparallel is not installed ({exc}): pip install 'mpitasker_ext[notebook]'") from exc
+    return ipyparallel
+
+
+def connection_file(profile=None, cluster_id=None):
+    """Where ipcontroller writes the client's connection file for this profile and cluster id."""
+    from IPython.core.profiledir import ProfileDir, ProfileDirError
+    from IPython.paths import get_ipython_dir
+
+    try:
+        profile_dir = ProfileDir.find_profile_dir_by_name(get_ipython_dir(), profile or "default")
+    except ProfileDirError:
+        return None
+    name = f"ipcontroller-{cluster_id}-client.json" if cluster_id else "ipcontroller-client.json"
+    return os.path.join(profile_dir.security_dir, name)
+
+
+def connect(profile=None, cluster_id=None):
+    """A client of a running cluster, or None when that profile has no cluster running."""
+    path = connection_file(profile, cluster_id)
+    if path is None or not os.path.exists(path):
+        return None
+    ipp = _import_ipyparallel()
+    try:
+        client = ipp.Client(path, timeout=CONNECT_TIMEOUT)
+    except (OSError, TimeoutError) as exc:
+        raise ClusterError(f"the cluster described by {path} does not answer ({exc}); it probably died. "
+                           f"Remove that file or {HOW_TO_START}.") from exc
+    if not client.ids:
+        client.close()
+        raise ClusterError(f"the cluster of {path} has no engines; start them with "
+                           "ipcluster engines --engines=MPI -n 4, or stop it and " + HOW_TO_START)
+    return client
+
+
+def start(n=4, profile=None, cluster_id=None):
+    """Start a controller and n engines under this environment's mpiexec; return (cluster, client)."""
+    if not isinstance(n, int) or n < 2:
+        raise UsageError(f"-n {n}: an MPI cluster needs at least 2 engines (rank 0 schedules, the others compute)")
+    ipp = _import_ipyparallel()
+    kwargs = {"engines": "mpi", "n": n, "log_level": logging.WARNING}
+    if profile:
+        kwargs["profile"] = profile
+    if cluster_id:
+        kwargs["cluster_id"] = cluster_id
+    cluster = ipp.Cluster(**kwargs)
+    cluster.config.MPILauncher.mpi_cmd = [mpiexec_path()]
+    cluster.start_cluster_sync()
+    try:
+        client = cluster.connect_client_sync()
+        client.wait_for_engines(n, timeout=START_TIMEOUT)
+    except BaseException:
+        cluster.stop_cluster_sync()
+        raise
+    return cluster, client
+
+
+def _engine_world():
+    """Runs on an engine: its place in MPI.COMM_WORLD."""
+    import os
+    import socket
+
+    from mpi4py import MPI
+
+    world = MPI.COMM_WORLD
+    return {"rank": world.Get_rank(), "size": world.Get_size(), "host": socket.gethostname(), "pid": os.getpid()}
+
+
+def check_one_world(client):
+    """Engine id -> MPI rank, if the engines are exactly one MPI world; a clear error otherwise."""
+    view = client[:]
+    infos = view.apply_sync(_engine_world)
+    ids = list(view.targets) if isinstance(view.targets, list) else list(client.ids)
+    ranks = {engine: info["rank"] for engine, info in zip(ids, infos, strict=True)}
+    sizes = {info["size"] for info in infos}
+    if sizes != {len(infos)} or sorted(ranks.values()) != list(range(len(infos))):
+        detail = ", ".join(f"engine {e}: rank {i['rank']} of {i['size']}" for e, i in zip(ids, infos, strict=True))
+        raise ClusterError(
+            f"the {len(infos)} engines are not one MPI world ({detail}). Start them together under MPI: "
+            "ipcluster start --engines=MPI -n N (or %mpicluster start -n N); engines started one by one, or "
+            "by a launcher without MPI, each see a world of their own.")
+    if len(infos) < 2:
+        raise ClusterError("the cluster has a single engine: MPI needs rank 0 to schedule and at least one "
+                           "worker; " + HOW_TO_START)
+    return ranks
+
+
+@dataclass
+class EngineTask:
+    """What every engine receives: the cell job, the arguments, and the kernel's view of the world."""
+
+    job: object
+    args: list
+    output: str
+    cwd: str
+    sys_path: list
+    options: dict = field(default_factory=dict)
+
+
+@dataclass
+class EngineReply:
+    rank: int
+    values: list | None = None
+    error_type: str = ""
+    message: str = ""
+    failures: dict = field(default_factory=dict)
+
+
+def run_task(payload):
+    """Runs on every engine: rebuild the job, step into the kernel's directory and path, take part in the run."""
+    import pickle
+
+    import cloudpickle
+    from mpi4py import MPI
+
+    from .scheduler import Sweep, run_mpi
+
+    task = pickle.loads(payload)
+    rank = MPI.COMM_WORLD.Get_rank()
+    old_cwd, old_path = os.getcwd(), list(sys.path)
+    os.chdir(task.cwd)
+    sys.path[:0] = [p for p in task.sys_path if p not in sys.path]
+    try:
+        sweep = Sweep(task.job.function(), task.args, task.output, fingerprint=task.job.fingerprint,
+                      function_name="%%mpimap cell", remember_code=True, **task.options)
+        values = run_mpi(sweep, MPI.COMM_WORLD)
+    except MPITaskerError as exc:
+        reply = EngineReply(rank, None, type(exc).__name__, str(exc), getattr(exc, "failures", {}))
+    else:
+        reply = EngineReply(rank, values if rank == 0 else None)
+    finally:
+        os.chdir(old_cwd)
+        sys.path[:] = old_path
+    return cloudpickle.dumps(reply)  # results may hold instances of notebook classes: plain pickle fails there
+
+
+def submit(client, task):
+    """Send the task to every engine at once; return ipyparallel's AsyncResult (a Future)."""
+    import cloudpickle
+
+    payload = cloudpickle.dumps(task)
+    return client[:].apply_async(run_task, payload)
+
+
+def root_reply(replies):
+    """Rank 0's reply: the values, or the error every rank agreed on."""
+    import pickle
+
+    for data in replies:
+        reply = pickle.loads(data)
+        if reply.rank == 0:
+            return reply
+    raise ClusterError("no engine reported as MPI rank 0")

@@ -1,0 +1,301 @@
+"""``%%mpimap`` and ``%mpicluster``: a thin front end; parsing here, the work in closure, cluster and scheduler."""
+
+import argparse
+import logging
+import os
+import sys
+import time
+
+from IPython.core import magic_arguments
+from IPython.core.error import UsageError as IPythonUsageError
+from IPython.core.magic import Magics, cell_magic, line_magic, magics_class
+
+from . import closure
+from . import cluster as clustermod
+from .cache import RunCache
+from .errors import MPITaskerError, UsageError
+from .tasker import job_list
+
+log = logging.getLogger(__name__)
+
+
+def _cluster_options(func):
+    """The options that choose a cluster, shared by both magics."""
+    func = magic_arguments.argument("--cluster-id", default=None,
+                                    help="the cluster's id (as given to ipcluster --cluster-id)")(func)
+    return magic_arguments.argument("--profile", default=None,
+                                    help="the IPython profile of the cluster (default: the one this kernel "
+                                         "started, else 'default')")(func)
+
+
+class MapRun:
+    """Handle of a ``--no-wait`` run: ``done()``, ``wait()``, ``result()``; the variable is set when it ends."""
+
+    def __init__(self, future, finish, output):
+        self._future = future
+        self._finish = finish
+        self.output = output
+        self._values = None
+        self._error = None
+        future.add_done_callback(self._settle)
+
+    def _settle(self, future):
+        try:
+            self._values = self._finish(future)
+        except BaseException as exc:  # noqa: BLE001 - kept and re-raised by result()
+            self._error = exc
+            log.error("%%mpimap run for %s failed: %s", self.output, exc)
+
+    def done(self):
+        return self._future.done()
+
+    def wait(self, timeout=None):
+        self._future.exception(timeout)  # waits; errors surface in result()
+        while self._values is None and self._error is None:
+            time.sleep(0.01)  # the done callback may still be running in another thread
+        return self.done()
+
+    def result(self, timeout=None):
+        self.wait(timeout)
+        if self._error is not None:
+            raise self._error
+        return self._values
+
+    def __repr__(self):
+        state = "running" if not self.done() else ("failed" if self._error else "finished")
+        return f"<%%mpimap run of {self.output}: {state}>"
+
+
+@magics_class
+class MPIMapMagics(Magics):
+    """Owns at most one cluster started from this kernel, and a client to the cluster in use."""
+
+    def __init__(self, shell):
+        super().__init__(shell)
+        self._cluster = None
+        self._client = None
+        self._client_key = None
+        self._checked_ids = None
+
+    # -- %%mpimap -----------------------------------------------------------------------------------------------
+    @magic_arguments.magic_arguments()
+    @magic_arguments.argument("-o", "--out", metavar="NAME", default=None,
+                              help="also store the list of results, in order, in the variable NAME")
+    @magic_arguments.argument("--force", action="store_true",
+                              help="discard the cache and the output file; recompute every job")
+    @magic_arguments.argument("--reuse", action="store_true",
+                              help="the cell's code (or a value it uses) changed since the cache was written: "
+                                   "keep the cached results anyway")
+    @magic_arguments.argument("--retries", type=int, default=0, metavar="N",
+                              help="run a failing job up to N more times before reporting it (default 0)")
+    @magic_arguments.argument("--chunksize", type=int, default=None, metavar="K",
+                              help="send K jobs per message (default: adapted to the measured job time)")
+    @magic_arguments.argument("--no-wait", action="store_true",
+                              help="return at once with a handle (.done(), .wait(), .result()); -o NAME is "
+                                   "assigned when the run ends")
+    @_cluster_options
+    @magic_arguments.argument("output", help="the output file (e.g. sweep.pkl): (index, [arg], result) triples, "
+                                             "the same format as Tasker.map; its cache is OUTPUT.mpi/")
+    @magic_arguments.argument("loop", nargs="*", help="for TARGET in ITERABLE: the iterable is evaluated in "
+                                                      "the kernel; each item becomes one job")
+    @cell_magic
+    def mpimap(self, line, cell):
+        """Run the cell body once per item of ITERABLE on the MPI engines, cached and restartable.
+
+        %%mpimap [options] OUTPUT for TARGET in ITERABLE
+
+        The body is the job; its last expression is the job's result. Names it uses from the notebook
+        (variables, functions, classes, modules) are sent to the engines once. Rerunning the cell reuses the
+        cache: finished jobs are not computed again, an interrupted run resumes. If the cell's code changed
+        since, it stops and asks for --force (recompute) or --reuse (keep). Without a cluster the jobs run
+        serially in the kernel, with a warning.
+        """
+        try:
+            plan = self._plan(line, cell)
+        except UsageError as exc:
+            raise IPythonUsageError(str(exc)) from None
+        client = self._client_for(plan.profile, plan.cluster_id)
+        if client is None:
+            print(f"mpimap: no MPI cluster found; running {len(plan.args)} jobs serially in this kernel "
+                  f"({clustermod.HOW_TO_START}).", file=sys.stderr)
+            return self._run_here(plan)
+        return self._run_on(client, plan)
+
+    def _plan(self, line, cell):
+        head, loop_text = closure.split_loop(line)
+        try:
+            opts = magic_arguments.parse_argstring(self.mpimap, head)
+        except IPythonUsageError as exc:
+            raise UsageError(f"{exc}. Usage: %%mpimap [options] OUTPUT for TARGET in ITERABLE") from None
+        if opts.loop:
+            raise UsageError(f"unexpected words before 'for': {' '.join(opts.loop)!r}; give one OUTPUT path")
+        if opts.force and opts.reuse:
+            raise UsageError("--force (recompute) and --reuse (keep the cache) contradict each other; pick one")
+        if opts.out is not None and not opts.out.isidentifier():
+            raise UsageError(f"-o {opts.out!r} is not a valid variable name")
+        loop = closure.parse_loop(loop_text)
+        cache = RunCache(os.path.expanduser(opts.output))
+        cache.check_output_path()
+        job = closure.build_job(loop, cell, self.shell.user_ns)
+        try:
+            iterable = eval(loop.iterable, self.shell.user_ns)  # noqa: S307 - the user's own expression
+        except Exception as exc:  # noqa: BLE001 - any error of the user's expression is reported as usage
+            raise UsageError(f"the iterable {loop.iterable!r} raised {type(exc).__name__}: {exc}") from None
+        args = job_list(iterable)
+        options = {"retries": opts.retries, "force": opts.force, "chunksize": opts.chunksize,
+                   "on_code_change": "reuse" if opts.reuse else "error"}
+        return argparse.Namespace(job=job, args=args, output=cache.output, options=options, out=opts.out,
+                                  no_wait=opts.no_wait, profile=opts.profile, cluster_id=opts.cluster_id)
+
+    def _assign(self, plan, values, started, where):
+        if plan.out:
+            self.shell.user_ns[plan.out] = values
+        print(f"mpimap: {len(values)} results in {plan.output} ({where}, {time.time() - started:.2f} s)"
+              + (f" -> {plan.out}" if plan.out else ""))
+        return values
+
+    def _run_here(self, plan):
+        from concurrent.futures import ThreadPoolExecutor
+
+        from .scheduler import Sweep, run_serial
+
+        sweep = Sweep(plan.job.function(), plan.args, plan.output, fingerprint=plan.job.fingerprint,
+                      function_name="%%mpimap cell", remember_code=True, **plan.options)
+        started = time.time()
+        if plan.no_wait:
+            executor = ThreadPoolExecutor(1)
+            future = executor.submit(run_serial, sweep)
+            executor.shutdown(wait=False)
+            return MapRun(future, lambda f: self._assign(plan, f.result(), started, "serially"), plan.output)
+        values = run_serial(sweep)
+        self._assign(plan, values, started, "serially")
+        return None if plan.out else values
+
+    def _run_on(self, client, plan):
+        ranks = self._check_world(client)
+        task = clustermod.EngineTask(plan.job, plan.args, plan.output, os.getcwd(), list(sys.path), plan.options)
+        started = time.time()
+        future = clustermod.submit(client, task)
+        where = f"{len(ranks) - 1} MPI workers"
+
+        def finish(done):
+            reply = clustermod.root_reply(done.result())
+            if reply.values is None:
+                _raise_reply(reply)
+            return self._assign(plan, reply.values, started, where)
+
+        if plan.no_wait:
+            return MapRun(future, finish, plan.output)
+        try:
+            future.wait()
+        except KeyboardInterrupt:
+            self._interrupt(client, future, plan)
+        values = finish(future)
+        return None if plan.out else values
+
+    def _interrupt(self, client, future, plan):
+        """Ctrl-C / kernel interrupt: stop the engines, keep every finished record, say how to resume."""
+        import signal
+
+        client.send_signal(signal.SIGINT, targets=list(client.ids), block=True)
+        future.wait(10)
+        raise KeyboardInterrupt(f"%%mpimap interrupted; finished jobs are kept in {plan.output}.mpi/. "
+                                "Run the cell again to resume.")
+
+    # -- clusters -------------------------------------------------------------------------------------------------
+    def _client_for(self, profile, cluster_id):
+        key = (profile, cluster_id)
+        if self._client is not None and (key == (None, None) or key == self._client_key):
+            return self._client
+        try:
+            client = clustermod.connect(profile, cluster_id)
+        except clustermod.ClusterError as exc:
+            raise IPythonUsageError(str(exc)) from None
+        if client is None and key != (None, None):
+            raise IPythonUsageError(f"no cluster is running for profile {profile or 'default'!r}"
+                                    + (f" with id {cluster_id!r}" if cluster_id else "")
+                                    + f"; {clustermod.HOW_TO_START}")
+        if client is not None:
+            self._client, self._client_key, self._checked_ids = client, key, None
+        return client
+
+    def _check_world(self, client):
+        """Once per set of engines: an engine restart or an added engine triggers a new check."""
+        ids = tuple(client.ids)
+        if self._checked_ids != ids:
+            try:
+                self._ranks = clustermod.check_one_world(client)
+            except clustermod.ClusterError as exc:
+                raise IPythonUsageError(str(exc)) from None
+            self._checked_ids = ids
+        return self._ranks
+
+    @magic_arguments.magic_arguments()
+    @magic_arguments.argument("action", choices=["start", "stop", "status"],
+                              help="start: a controller and N MPI engines; stop: the cluster; status: engines "
+                                   "and their MPI ranks")
+    @magic_arguments.argument("-n", type=int, default=4, help="engines to start (default 4: 1 scheduler, "
+                                                              "3 workers)")
+    @_cluster_options
+    @line_magic
+    def mpicluster(self, line):
+        """Start, stop or show the ipyparallel cluster of MPI engines that %%mpimap uses."""
+        opts = magic_arguments.parse_argstring(self.mpicluster, line)
+        if opts.action == "start":
+            return self._start(opts)
+        if opts.action == "stop":
+            return self._stop(opts)
+        client = self._client_for(opts.profile, opts.cluster_id)
+        if client is None:
+            print(f"no MPI cluster is running; {clustermod.HOW_TO_START}")
+            return None
+        ranks = self._check_world(client)
+        print(f"{len(ranks)} engines in one MPI world: " +
+              ", ".join(f"engine {e} = rank {r}" for e, r in sorted(ranks.items(), key=lambda x: x[1])))
+        return None
+
+    def _start(self, opts):
+        existing = clustermod.connect(opts.profile, opts.cluster_id) if opts.cluster_id else None
+        if self._cluster is not None or existing is not None:
+            raise IPythonUsageError("a cluster is already running here; use it, or %mpicluster stop first")
+        try:
+            cluster, client = clustermod.start(opts.n, opts.profile, opts.cluster_id)
+        except MPITaskerError as exc:
+            raise IPythonUsageError(str(exc)) from None
+        self._cluster = cluster
+        self._client, self._client_key, self._checked_ids = client, (opts.profile, opts.cluster_id), None
+        ranks = self._check_world(client)
+        print(f"started cluster {cluster.cluster_id!r}: {len(ranks)} MPI engines (rank 0 schedules, "
+              f"{len(ranks) - 1} compute); stop it with %mpicluster stop")
+
+    def _stop(self, opts):
+        if self._cluster is None and opts.profile is None and opts.cluster_id is None:
+            print("no cluster was started by this kernel; give --profile/--cluster-id to stop another one")
+            return
+        if self._client is not None:
+            self._client.close()
+        self._client = self._client_key = self._checked_ids = None
+        if self._cluster is not None:
+            self._cluster.stop_cluster_sync()
+            self._cluster = None
+        else:
+            ipp = clustermod._import_ipyparallel()
+            ipp.Cluster.from_file(profile=opts.profile, cluster_id=opts.cluster_id or "").stop_cluster_sync()
+        print("cluster stopped")
+
+
+def _raise_reply(reply):
+    """Raise, in the kernel, the error the engines agreed on (same class and message as in a script)."""
+    from . import errors
+
+    kind = getattr(errors, reply.error_type, None)
+    if not (isinstance(kind, type) and issubclass(kind, MPITaskerError)):
+        kind = MPITaskerError
+    if kind is errors.JobsFailed:
+        raise errors.JobsFailed(reply.message, reply.failures)
+    raise kind(reply.message)
+
+
+def load(ipython):
+    ipython.register_magics(MPIMapMagics)
+
