@@ -456,29 +456,64 @@ def run_serial(sweep):
 # -- MPI path ----------------------------------------------------------------------------------------------------
 
 def run_mpi(sweep, comm):
-    """Every rank calls this with the same sweep; every rank gets the same values (or the same error)."""
+    """Every rank calls this with the same sweep; every rank gets the same values (or the same error).
+
+    The run talks over its own duplicate of ``comm``. It is freed only after a clean end, when every message
+    has been received: after an interrupt it is left allocated, because MPI recycles the context of a freed
+    communicator and a message still in flight would then reach the next run.
+    """
     from mpi4py import MPI
 
-    run_comm = comm.Dup()
-    try:
-        role = _root if run_comm.rank == 0 else _worker
-        outcome = role(sweep, run_comm, MPI)
-    finally:
-        run_comm.Free()
+    run_comm = _duplicate(comm)
+    role = _root if run_comm.rank == 0 else _worker
+    outcome = role(sweep, run_comm, MPI)
+    run_comm.Free()
     if outcome.values is None:
         outcome.raise_error(on_root=comm.rank == 0)
     return outcome.values
 
 
+def _duplicate(comm):
+    """A nonblocking Idup polled with backoff: interruptible, and no rank spins while others arrive."""
+    try:
+        new_comm, request = comm.Idup()
+    except (AttributeError, NotImplementedError):
+        return comm.Dup()
+    poll_wait([request])
+    return new_comm
+
+
+def poll_wait(requests):
+    """Wait for MPI requests without a blocking call (which spins in MPICH and ignores Ctrl-C)."""
+    backoff = Backoff()
+    pending = list(requests)
+    while pending:
+        pending = [req for req in pending if not req.Test()]
+        if pending:
+            backoff.sleep()
+
+
+BCAST_CHUNK = 1 << 30
+
+
+def _broadcast_bytes(comm, MPI, data):
+    """Ibcast in chunks (MPI counts are 32-bit), polled; ``data`` is the buffer to fill on the workers."""
+    view = memoryview(data)
+    for start in range(0, len(view), BCAST_CHUNK):
+        poll_wait([comm.Ibcast([view[start:start + BCAST_CHUNK], MPI.BYTE], root=0)])
+    return data
+
+
 def _send_final(comm, outcome):
-    """Tell every worker the result; values then go out in one broadcast."""
+    """Tell every worker the result; the pickled values then go out in one polled broadcast."""
+    from mpi4py import MPI
+
+    data = None if outcome.values is None else pickle.dumps(outcome.values, protocol=cachemod.RESULT_PROTOCOL)
     header = Outcome(None, outcome.error_type, outcome.message, outcome.failures, outcome.total)
-    requests = [comm.isend((header, outcome.values is not None), dest=w, tag=TAG_FINAL)
-                for w in range(1, comm.size)]
-    for req in requests:
-        req.wait()
-    if outcome.values is not None:
-        comm.bcast(outcome.values, root=0)
+    poll_wait([comm.isend((header, None if data is None else len(data)), dest=w, tag=TAG_FINAL)
+               for w in range(1, comm.size)])
+    if data is not None:
+        _broadcast_bytes(comm, MPI, data)
 
 
 def _root(sweep, comm, MPI):
@@ -518,7 +553,7 @@ def _abort_workers(comm, exc):
     header = Outcome(error_type="WorkerError", message=f"rank 0 stopped with {type(exc).__name__}: {exc}")
     for w in range(1, comm.size):
         try:
-            _unfinished_aborts.append(comm.isend((header, False), dest=w, tag=TAG_FINAL))
+            _unfinished_aborts.append(comm.isend((header, None), dest=w, tag=TAG_FINAL))
         except Exception as send_exc:  # noqa: BLE001 - best effort while already failing
             log.debug("could not tell rank %d to stop: %s", w, send_exc)
 
@@ -585,8 +620,7 @@ def _dispatch(sweep, comm, MPI, pending, ledger):
             ledger.set_current(source, None)
         sends[:] = [req for req in sends if not req.Test()]
         ledger.maybe_write()
-    for req in sends:
-        req.wait()
+    poll_wait(sends)
     return fatal
 
 
@@ -639,9 +673,9 @@ def _worker(sweep, comm, MPI):
                     journal = None
                 comm.send(None, dest=0, tag=TAG_STOPPED)
             elif tag == TAG_FINAL:
-                header, has_values = message
-                if has_values:
-                    header.values = comm.bcast(None, root=0)
+                header, size = message
+                if size is not None:
+                    header.values = pickle.loads(_broadcast_bytes(comm, MPI, bytearray(size)))
                 return header
     finally:
         if journal is not None:

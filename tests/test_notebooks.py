@@ -1,0 +1,154 @@
+"""Whole notebooks in real kernels: the example notebooks, and an interrupted cell that resumes."""
+
+import os
+import shutil
+import subprocess
+import sys
+import time
+
+import nbformat
+import pytest
+from jupyter_client.manager import start_new_kernel
+from nbclient import NotebookClient
+
+from conftest import BIN, CLUSTER_PROFILE, REPO
+
+EXAMPLES = os.path.join(REPO, "examples")
+
+
+def execute(path, workdir, timeout=300):
+    nb = nbformat.read(path, as_version=4)
+    NotebookClient(nb, timeout=timeout, kernel_name="python3", resources={"metadata": {"path": workdir}}).execute()
+    return nb
+
+
+def outputs(nb):
+    text = []
+    for cell in nb.cells:
+        for out in cell.get("outputs", []):
+            text.append(out.get("text", "") or str(out.get("data", {}).get("text/plain", "")))
+    return "\n".join(text)
+
+
+def test_quickstart_notebook_starts_its_own_cluster_and_reuses_the_cache(tmp_path):
+    nb = execute(os.path.join(EXAMPLES, "quickstart.ipynb"), str(tmp_path))
+    text = outputs(nb)
+    assert "started cluster" in text and "4 MPI engines" in text
+    assert "20 results in" in text and "3 MPI workers" in text
+    assert "omega=1.00 gamma=0.00" in text and "cluster stopped" in text
+    triples = pickle_load(tmp_path / "quickstart.pkl")
+    assert len(triples) == 20 and triples[0][1] == [(0.5, 0.0)]
+
+
+def test_parameter_sweep_notebook_on_the_running_cluster(tmp_path, mpi_cluster):
+    path = tmp_path / "sweep.ipynb"
+    source = open(os.path.join(EXAMPLES, "parameter_sweep.ipynb")).read()
+    path.write_text(source.replace("%mpicluster status", f"%mpicluster status --profile {CLUSTER_PROFILE}"))
+    nb = execute(str(path), str(tmp_path))
+    text = outputs(nb)
+    assert "4 engines in one MPI world" in text and "63 results in" in text
+    assert "{0.1: 10.0," in text
+
+
+def pickle_load(path):
+    import pickle
+    with open(path, "rb") as f:
+        data = pickle.load(f)
+    return data if len(data) > 1 else data[0]
+
+
+@pytest.fixture
+def kernel(tmp_path):
+    km, kc = start_new_kernel(kernel_name="python3", cwd=str(tmp_path))
+    kc.manager = km
+    yield kc
+    kc.stop_channels()
+    km.shutdown_kernel(now=True)
+
+
+def run(kc, code, timeout=120):
+    """Execute code in the kernel; return (status, text of stream and error outputs)."""
+    msg_id = kc.execute(code)
+    chunks, status = [], None
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        msg = kc.get_iopub_msg(timeout=timeout)
+        if msg["parent_header"].get("msg_id") != msg_id:
+            continue
+        kind, content = msg["msg_type"], msg["content"]
+        if kind == "stream":
+            chunks.append(content["text"])
+        elif kind == "error":
+            chunks.append(f"{content['ename']}: {content['evalue']}")
+            status = "error"
+        elif kind == "status" and content["execution_state"] == "idle":
+            break
+    return status or "ok", "".join(chunks)
+
+
+def test_interrupted_cell_stops_the_engines_and_resumes(kernel, tmp_path, mpi_cluster):
+    assert run(kernel, "%load_ext mpitasker_ext")[0] == "ok"
+    cell = (f"%%mpimap --profile {CLUSTER_PROFILE} -o out slow.pkl for x in range(60)\n"
+            "import time\ntime.sleep(0.1)\n"
+            "with open('exec.log', 'a') as f:\n    f.write(f'{x}\\n')\nx * 2\n")
+    msg_id = kernel.execute(cell)
+    log = tmp_path / "exec.log"
+    deadline = time.time() + 60
+    while (not log.exists() or len(log.read_text().split()) < 12) and time.time() < deadline:
+        time.sleep(0.05)
+    interrupted_at = time.time()
+    kernel.manager.interrupt_kernel()
+    status, text = collect(kernel, msg_id)
+    assert status == "error" and "interrupted" in text and "Run the cell again to resume" in text
+    assert time.time() - interrupted_at < 15
+    done_before = set(map(int, log.read_text().split()))
+    assert 12 <= len(done_before) < 60
+    status, text = run(kernel, cell)
+    assert status == "ok", text
+    runs = list(map(int, log.read_text().split()))
+    assert sorted(set(runs)) == list(range(60))
+    assert len(runs) - 60 <= 3, "more than the jobs in flight at the interrupt ran twice"
+    assert run(kernel, "assert out == [2 * x for x in range(60)]")[0] == "ok"
+
+
+def collect(kc, msg_id, timeout=60):
+    chunks, status = [], "ok"
+    while True:
+        msg = kc.get_iopub_msg(timeout=timeout)
+        if msg["parent_header"].get("msg_id") != msg_id:
+            continue
+        if msg["msg_type"] == "stream":
+            chunks.append(msg["content"]["text"])
+        elif msg["msg_type"] == "error":
+            chunks.append(f"{msg['content']['ename']}: {msg['content']['evalue']}")
+            status = "error"
+        elif msg["msg_type"] == "status" and msg["content"]["execution_state"] == "idle":
+            return status, "".join(chunks)
+
+
+def test_engines_that_are_not_one_mpi_world_are_refused(tmp_path):
+    """Two engines started without MPI each see a world of size 1: %%mpimap must refuse, not run twice."""
+    ipcluster = os.path.join(BIN, "ipcluster")
+    profile = "nompi"
+    subprocess.run([ipcluster, "start", "-n=2", "--daemonize", f"--profile={profile}"], check=True,
+                   capture_output=True, timeout=120)
+    try:
+        import ipyparallel as ipp
+        client = ipp.Client(profile=profile, timeout=60)
+        client.wait_for_engines(2, timeout=120)
+        client.close()
+        code = (f"import os; os.chdir({str(tmp_path)!r})\n"
+                "from IPython.core.interactiveshell import InteractiveShell\n"
+                "ip = InteractiveShell.instance(); ip.run_line_magic('load_ext', 'mpitasker_ext')\n"
+                "from IPython.core.error import UsageError\n"
+                "try:\n"
+                f"    ip.run_cell_magic('mpimap', '--profile {profile} o.pkl for x in range(4)', 'x')\n"
+                "except UsageError as exc:\n"
+                "    print('REFUSED', exc)\n")
+        proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+        assert "REFUSED" in proc.stdout and "not one MPI world" in proc.stdout, proc.stdout + proc.stderr
+        assert "ipcluster start --engines=MPI" in proc.stdout
+        assert not os.path.exists(tmp_path / "o.pkl")
+    finally:
+        subprocess.run([ipcluster, "stop", f"--profile={profile}"], capture_output=True, timeout=120)
+        shutil.rmtree(tmp_path / "o.pkl.mpi", ignore_errors=True)
