@@ -13,6 +13,7 @@ import subprocess
 import sys
 import tempfile
 import textwrap
+import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(HERE)
@@ -126,11 +127,67 @@ def run(source, n, *args, cwd=None, marker="RATE"):
         shutil.rmtree(workdir, ignore_errors=True)
 
 
+def notebook_figures(repeat, jobs, ipp_jobs):
+    """%%mpimap on a warm 4-engine MPI cluster, against ipyparallel's own load-balanced map on the same engines."""
+    import ipyparallel as ipp
+    from IPython.core.interactiveshell import InteractiveShell
+
+    cluster = ipp.Cluster(engines="mpi", n=4, log_level=40)
+    cluster.config.MPILauncher.mpi_cmd = [mpiexec()]
+    cluster.start_cluster_sync()
+    workdir = tempfile.mkdtemp(prefix="mpitasker-bench-nb-")
+    try:
+        client = cluster.connect_client_sync()
+        client.wait_for_engines(4, timeout=120)
+        shell = InteractiveShell.instance()
+        shell.run_line_magic("load_ext", "mpitasker_ext")
+        magics = shell.magics_manager.registry["MPIMapMagics"]
+        magics._client, magics._client_key = client, (None, None)
+        os.chdir(workdir)
+        import contextlib
+        import io
+
+        def timed_magic(n, name):
+            t = time.perf_counter()
+            with contextlib.redirect_stdout(io.StringIO()):
+                shell.run_cell_magic("mpimap", f"--force {name}.pkl for x in range({n})", "x")
+            return time.perf_counter() - t
+
+        timed_magic(10, "warmup")
+        overhead = [timed_magic(100, f"small{i}") for i in range(max(repeat, 5))]
+        rates = [jobs / timed_magic(jobs, f"big{i}") for i in range(repeat)]
+        view = client.load_balanced_view()
+        view.map_sync(abs, range(50))
+        ipp_rates = []
+        for _ in range(repeat):
+            t = time.perf_counter()
+            view.map_sync(abs, range(ipp_jobs))
+            ipp_rates.append(ipp_jobs / (time.perf_counter() - t))
+
+        def barrier():
+            from mpi4py import MPI
+            MPI.COMM_WORLD.Barrier()
+        client[:].apply_sync(barrier)
+        trips = []
+        for _ in range(10):
+            t = time.perf_counter()
+            client[:].apply_sync(barrier)
+            trips.append(time.perf_counter() - t)
+        return statistics.median(overhead), statistics.median(rates), statistics.median(ipp_rates), \
+            statistics.median(trips)
+    finally:
+        os.chdir(REPO)
+        cluster.stop_cluster_sync()
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--jobs", type=int, default=20000)
     parser.add_argument("--seed-jobs", type=int, default=2000, help="jobs for the blog post's Tasker (slow)")
+    parser.add_argument("--ipp-jobs", type=int, default=2000, help="jobs for ipyparallel's map (slow)")
+    parser.add_argument("--no-notebook", action="store_true", help="skip the %%%%mpimap / ipyparallel rows")
     opts = parser.parse_args()
     ours, executor, seed, idle, speedups = [], [], [], [], []
     for _ in range(opts.repeat):
@@ -156,6 +213,15 @@ def main():
         ("speedup, 40 x 0.25 s CPU jobs, -n 3 vs serial", f"{med(speedups):.2f}x", "2 workers, 2 cores",
          ">= 1.85x"),
     ]
+    if not opts.no_notebook:
+        overhead, magic_rate, ipp_rate, trip = notebook_figures(opts.repeat, opts.jobs, opts.ipp_jobs)
+        rows += [
+            ("%%mpimap overhead, 100 no-op jobs, warm 4 engines", f"{overhead * 1000:.0f} ms",
+             f"apply+barrier {trip * 1000:.0f} ms", "<= 300 ms"),
+            (f"no-op jobs/s, %%mpimap ({opts.jobs} jobs), 4 engines", f"{magic_rate:,.0f}",
+             f"{magic_rate / ipp_rate:.0f}x ipyparallel", ""),
+            (f"no-op jobs/s, ipyparallel load-balanced map ({opts.ipp_jobs})", f"{ipp_rate:,.0f}", "1.0x", ""),
+        ]
     print(f"median of {opts.repeat} alternated runs, {opts.jobs} no-op jobs "
           f"({opts.seed_jobs} for the blog post's Tasker), {os.cpu_count()} cores")
     widths = [max(len(r[i]) for r in rows + [("measure", "value", "ratio", "goal")]) for i in range(4)]
