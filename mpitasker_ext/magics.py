@@ -12,6 +12,8 @@ from IPython.core.magic import Magics, cell_magic, line_magic, magics_class
 
 from . import closure
 from . import cluster as clustermod
+from . import progress as progressmod
+from . import widget as widgetmod
 from .cache import RunCache
 from .errors import MPITaskerError, UsageError
 from .tasker import job_list
@@ -31,10 +33,11 @@ def _cluster_options(func):
 class MapRun:
     """Handle of a ``--no-wait`` run: ``done()``, ``wait()``, ``result()``; the variable is set when it ends."""
 
-    def __init__(self, future, finish, output):
+    def __init__(self, future, finish, output, follower=None):
         self._future = future
         self._finish = finish
         self.output = output
+        self._follower = follower
         self._values = None
         self._error = None
         future.add_done_callback(self._settle)
@@ -45,6 +48,13 @@ class MapRun:
         except BaseException as exc:  # noqa: BLE001 - kept and re-raised by result()
             self._error = exc
             log.error("%%mpimap run for %s failed: %s", self.output, exc)
+        finally:
+            if self._follower is not None:
+                self._follower.stop()
+
+    def status(self):
+        """The run's progress model right now."""
+        return progressmod.read_progress(self.output)
 
     def done(self):
         return self._future.done()
@@ -72,6 +82,7 @@ class MPIMapMagics(Magics):
 
     def __init__(self, shell):
         super().__init__(shell)
+        self._last_output = None
         self._cluster = None
         self._client = None
         self._client_key = None
@@ -154,13 +165,19 @@ class MPIMapMagics(Magics):
               + (f" -> {plan.out}" if plan.out else ""))
         return values
 
+    def _view(self, plan):
+        self._last_output = plan.output
+        return widgetmod.make_view(f"%%mpimap {os.path.basename(plan.output)}")
+
     def _run_here(self, plan):
         from concurrent.futures import ThreadPoolExecutor
 
         from .scheduler import Sweep, run_serial
 
+        view = self._view(plan)
         sweep = Sweep(plan.job.function(), plan.args, plan.output, fingerprint=plan.job.fingerprint,
-                      function_name="%%mpimap cell", remember_code=True, **plan.options)
+                      function_name="%%mpimap cell", remember_code=True, monitor=_ThrottledMonitor(view),
+                      **plan.options)
         started = time.time()
         if plan.no_wait:
             executor = ThreadPoolExecutor(1)
@@ -174,6 +191,7 @@ class MPIMapMagics(Magics):
     def _run_on(self, client, plan):
         ranks = self._check_world(client)
         task = clustermod.EngineTask(plan.job, plan.args, plan.output, os.getcwd(), list(sys.path), plan.options)
+        view = self._view(plan)
         started = time.time()
         future = clustermod.submit(client, task)
         where = f"{len(ranks) - 1} MPI workers"
@@ -185,20 +203,25 @@ class MPIMapMagics(Magics):
             return self._assign(plan, reply.values, started, where)
 
         if plan.no_wait:
-            return MapRun(future, finish, plan.output)
+            return MapRun(future, finish, plan.output, widgetmod.Follower(plan.output, view, background=True))
+        follower = widgetmod.Follower(plan.output, view)
         try:
-            future.wait()
+            while not future.done():
+                future.wait(widgetmod.REFRESH_SECONDS)
+                follower.refresh()
         except KeyboardInterrupt:
-            self._interrupt(client, future, plan)
+            self._interrupt(client, future, plan, follower)
+        follower.stop()
         values = finish(future)
         return None if plan.out else values
 
-    def _interrupt(self, client, future, plan):
+    def _interrupt(self, client, future, plan, follower):
         """Ctrl-C / kernel interrupt: stop the engines, keep every finished record, say how to resume."""
         import signal
 
         client.send_signal(signal.SIGINT, targets=list(client.ids), block=True)
         future.wait(10)
+        follower.stop()
         raise KeyboardInterrupt(f"%%mpimap interrupted; finished jobs are kept in {plan.output}.mpi/. "
                                 "Run the cell again to resume.")
 
@@ -282,6 +305,48 @@ class MPIMapMagics(Magics):
             ipp = clustermod._import_ipyparallel()
             ipp.Cluster.from_file(profile=opts.profile, cluster_id=opts.cluster_id or "").stop_cluster_sync()
         print("cluster stopped")
+
+
+    # -- %mpistatus ----------------------------------------------------------------------------------------------
+    @magic_arguments.magic_arguments()
+    @magic_arguments.argument("path", nargs="?", default=None,
+                              help="a run's output file or its .mpi directory (default: this kernel's last "
+                                   "%%%%mpimap run, else every run under the working directory)")
+    @line_magic
+    def mpistatus(self, line):
+        """Show the live progress of a run: one started here, by another kernel, or by a batch script."""
+        opts = magic_arguments.parse_argstring(self.mpistatus, line)
+        if opts.path:
+            paths = [os.path.expanduser(opts.path)]
+        elif self._last_output:
+            paths = [self._last_output]
+        else:
+            paths = progressmod.find_runs(os.getcwd(), max_depth=2)
+        if not paths:
+            print(f"no runs under {os.getcwd()}: give the output path, e.g. %mpistatus sweep.pkl")
+            return
+        for path in paths:
+            if progressmod.read_progress(path).state == progressmod.MISSING:
+                print(progressmod.read_progress(path).note)
+                continue
+            widgetmod.status_view_for(path)
+
+
+class _ThrottledMonitor:
+    """A view fed from the scheduler's status writes (serial runs in the kernel), at most 2 updates a second."""
+
+    def __init__(self, view):
+        self.view = view
+        self._last = 0.0
+
+    def __call__(self, status):
+        progress = progressmod.from_status(status)
+        now = time.monotonic()
+        if progress.state != progressmod.RUNNING:
+            self.view.close(progress)
+        elif now - self._last >= widgetmod.REFRESH_SECONDS:
+            self._last = now
+            self.view.update(progress)
 
 
 def _raise_reply(reply):

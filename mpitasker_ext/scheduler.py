@@ -28,6 +28,7 @@ HEARTBEAT_INTERVAL = 2.0
 TARGET_BATCH_SECONDS = 0.02
 PREFETCH_BELOW_SECONDS = 0.05
 SHOWN_FAILURES = 20
+MAX_TRACEBACK = 4000
 CODE_CHANGE_POLICIES = ("warn", "reuse", "recompute", "error")
 _unfinished_aborts = []  # isend requests must outlive the call that made them
 
@@ -78,6 +79,7 @@ class Sweep:
     fingerprint: str = ""
     function_name: str = ""
     remember_code: bool = False  # keep the code fingerprint beside the output, to catch changes after success
+    monitor: object = None  # called on rank 0 with each status dict written (a text progress view, say)
 
     def __post_init__(self):
         if self.on_code_change not in CODE_CHANGE_POLICIES:
@@ -166,7 +168,7 @@ def _run_batch(sweep, indices, journal, rank):
             ok_count += 1
         else:
             info = pickle.loads(payload)
-            failures[index] = info["error"]
+            failures[index] = (info["error"], info["traceback"][-MAX_TRACEBACK:])
         if sweep.verbose:
             log.info("rank %d: job %d %s in %.3f s", rank, index, "done" if ok else "FAILED", seconds)
     return ok_count, failures, time.perf_counter() - start
@@ -177,8 +179,9 @@ def _run_batch(sweep, indices, journal, rank):
 class Ledger:
     """Counts and per-rank state; turned into the status file at most a few times a second."""
 
-    def __init__(self, cache, total, cached, nworkers):
+    def __init__(self, cache, total, cached, nworkers, monitor=None):
         self.cache = cache
+        self.monitor = monitor
         self.total = total
         self.cached = cached
         self.computed = 0
@@ -193,7 +196,8 @@ class Ledger:
         self._dirty = True
 
     def running(self):
-        return sum(cur[1] for cur in (r["current"] for r in self.ranks.values()) if cur)
+        """Jobs executing now: one per busy rank (the rest of a rank's batch still counts as pending)."""
+        return sum(1 for r in self.ranks.values() if r["current"])
 
     def record(self, rank, ok_count, failures, retries):
         """Book a finished batch; return the failed indices that should be tried again."""
@@ -203,13 +207,13 @@ class Ledger:
         info["done"] += ok_count
         info["failed"] += len(failures)
         again = []
-        for index, error in failures.items():
+        for index, failure in failures.items():
             self.attempts[index] = self.attempts.get(index, 0) + 1
             if self.attempts[index] <= retries:
                 again.append(index)
-                log.info("job %d failed (%s); retry %d of %d", index, error, self.attempts[index], retries)
+                log.info("job %d failed (%s); retry %d of %d", index, failure[0], self.attempts[index], retries)
             else:
-                self.failed[index] = error
+                self.failed[index] = failure
         for index in again:
             self.failed.pop(index, None)
         return again
@@ -228,12 +232,17 @@ class Ledger:
             "rate": self.computed / elapsed, "started": self.started, "updated": now,
             "host": socket.gethostname(), "pid": os.getpid(), "workers": self.nworkers,
             "ranks": {str(r): dict(v) for r, v in self.ranks.items()},
-            "failures": [{"index": i, "error": self.failed[i]} for i in shown],
+            "failures": [{"index": i, "error": self.failed[i][0], "traceback": self.failed[i][1]} for i in shown],
         }
 
     def set_current(self, rank, batch):
         self.ranks[rank]["current"] = [batch[0], len(batch)] if batch else None
         self._dirty = True
+
+    def notify_final(self, state):
+        """Tell the monitor how the run ended, when no status file will say it (the directory is gone)."""
+        if self.monitor is not None:
+            self.monitor(self.status(state))
 
     def maybe_write(self, state="running", force=False):
         """Rewrite the status when something changed (<= 4/s), and as a heartbeat every 2 s regardless."""
@@ -242,7 +251,10 @@ class Ledger:
         if force or (self._dirty and since >= STATUS_INTERVAL) or since >= HEARTBEAT_INTERVAL:
             self._last_write = now
             self._dirty = False
-            self.cache.write_status(self.status(state))
+            status = self.status(state)
+            self.cache.write_status(status)
+            if self.monitor is not None:
+                self.monitor(status)
         if now - self._last_log >= 30.0:
             self._last_log = now
             s = self.status(state)
@@ -405,6 +417,7 @@ def finish(sweep, prepared, ledger):
     if sweep.remember_code:
         cache.write_meta(n, sweep.fingerprint, sweep.function_name)
     cache.remove()
+    ledger.notify_final("finished")
     return Outcome(values=values)
 
 
@@ -427,7 +440,7 @@ def run_serial(sweep):
     prepared = prepare(sweep)
     if prepared.values is not None:
         return prepared.values
-    ledger = Ledger(prepared.cache, len(sweep.args), prepared.cached, 0)
+    ledger = Ledger(prepared.cache, len(sweep.args), prepared.cached, 0, sweep.monitor)
     log.info("%d jobs: %d cached, %d to run serially", len(sweep.args), prepared.cached, len(prepared.pending))
     try:
         ledger.maybe_write(force=True)
@@ -445,7 +458,8 @@ def run_serial(sweep):
             if journal is not None:
                 journal.close()
         outcome = finish(sweep, prepared, ledger)
-    except BaseException:
+    except BaseException as exc:
+        _record_stop(ledger, exc)
         prepared.cache.release_lock()
         raise
     if outcome.values is None:
@@ -526,7 +540,7 @@ def _root(sweep, comm, MPI):
         outcome = Outcome(values=prepared.values)
         _send_final(comm, outcome)
         return outcome
-    ledger = Ledger(prepared.cache, len(sweep.args), prepared.cached, comm.size - 1)
+    ledger = Ledger(prepared.cache, len(sweep.args), prepared.cached, comm.size - 1, sweep.monitor)
     log.info("%d jobs: %d cached, %d to run on %d workers", len(sweep.args), prepared.cached,
              len(prepared.pending), comm.size - 1)
     try:
@@ -541,11 +555,21 @@ def _root(sweep, comm, MPI):
         else:
             outcome = finish(sweep, prepared, ledger)
     except BaseException as exc:
+        _record_stop(ledger, exc)
         prepared.cache.release_lock()
         _abort_workers(comm, exc)
         raise
     _send_final(comm, outcome)
     return outcome
+
+
+def _record_stop(ledger, exc):
+    """Leave a status that says why the run stopped; the run directory and its records stay."""
+    state = "interrupted" if isinstance(exc, KeyboardInterrupt) else "error"
+    try:
+        ledger.maybe_write(state, force=True)
+    except OSError as write_exc:
+        log.warning("could not record the %s state: %s", state, write_exc)
 
 
 def _abort_workers(comm, exc):

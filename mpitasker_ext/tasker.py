@@ -85,6 +85,15 @@ def enable_verbose_logging(rank):
         logger.addHandler(handler)
 
 
+def _monitor(progress, rank):
+    """Rank 0 shows progress on stderr: an updating line on a terminal, a line every 30 s in a log."""
+    if not progress or rank != 0:
+        return None
+    from .widget import StatusMonitor
+
+    return StatusMonitor()
+
+
 def run_sweep(sweep, comm):
     if comm is None or comm.size == 1:
         return run_serial(sweep)
@@ -100,7 +109,7 @@ class Tasker:
     """
 
     def __init__(self, method="MPI", *, comm=None, verbose=False, retries=0, on_code_change="warn",
-                 chunksize=None):
+                 chunksize=None, progress=True):
         self.comm = comm if comm is not None else world_communicator(method)
         if self.comm is None:
             self.rank, self.size = 0, 1
@@ -111,6 +120,7 @@ class Tasker:
         self.retries = retries
         self.on_code_change = on_code_change
         self.chunksize = chunksize
+        self.progress = progress
         if verbose:
             enable_verbose_logging(self.rank)
 
@@ -132,13 +142,14 @@ class Tasker:
         sweep = Sweep(fn, jobs, filename,
                       retries=self.retries if retries is None else retries, force=force,
                       on_code_change=on_code_change or self.on_code_change,
-                      chunksize=chunksize or self.chunksize, verbose=self.verbose)
+                      chunksize=chunksize or self.chunksize, verbose=self.verbose,
+                      monitor=_monitor(self.progress, self.rank))
         values = run_sweep(sweep, self.comm)
         return [(i, [arg], value) for i, (arg, value) in enumerate(zip(jobs, values, strict=True))]
 
 
 def mpimap(fn, iterable, cache, *, comm=None, retries=0, force=False, chunksize=None, verbose=False,
-           on_code_change="warn"):
+           on_code_change="warn", progress=True):
     """``[fn(x) for x in iterable]`` over MPI ranks, memoised in ``cache`` (an output file path).
 
     Run the same script on every rank (``mpiexec -n 4 python script.py``); every rank gets the list.
@@ -151,5 +162,6 @@ def mpimap(fn, iterable, cache, *, comm=None, retries=0, force=False, chunksize=
     if verbose:
         enable_verbose_logging(0 if comm is None else comm.Get_rank())
     sweep = Sweep(fn, job_list(iterable), cache, retries=retries, force=force, chunksize=chunksize,
-                  verbose=verbose, on_code_change=on_code_change)
+                  verbose=verbose, on_code_change=on_code_change,
+                  monitor=_monitor(progress, 0 if comm is None else comm.Get_rank()))
     return run_sweep(sweep, comm)

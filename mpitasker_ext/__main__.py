@@ -1,0 +1,36 @@
+"""Command line: ``python -m mpitasker_ext status PATH [--watch]`` shows a run's progress without MPI."""
+
+import argparse
+import sys
+import time
+
+from . import progress as progressmod
+
+
+def _status(opts):
+    tty = sys.stdout.isatty()
+    while True:
+        snapshot = progressmod.read_progress(opts.path)
+        text = progressmod.render_text(snapshot)
+        if opts.watch and tty:
+            sys.stdout.write("\x1b[H\x1b[J" + text + "\n")
+        else:
+            print(text, flush=True)
+        if not opts.watch or snapshot.state != progressmod.RUNNING:
+            return 1 if snapshot.state == progressmod.MISSING else 0
+        time.sleep(opts.interval)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(prog="python -m mpitasker_ext", description=__doc__.splitlines()[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+    status = commands.add_parser("status", help="show a run's progress (counts, per-rank jobs, failures)")
+    status.add_argument("path", help="the run's output file (e.g. sweep.pkl) or its .mpi directory")
+    status.add_argument("--watch", action="store_true", help="keep refreshing until the run stops")
+    status.add_argument("--interval", type=float, default=2.0, help="seconds between refreshes (--watch)")
+    opts = parser.parse_args(argv)
+    return _status(opts)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

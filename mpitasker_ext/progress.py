@@ -1,0 +1,268 @@
+"""The status model of a run, read from its ``.mpi`` directory only: no MPI, no kernel, any process.
+
+Every view (widget, text line, CLI, server page) renders this one model. A refresh reads the status file rank 0
+rewrites (its size depends on the ranks, not the jobs); only when that writer is gone are the journals counted,
+and that count is cached until a journal changes.
+"""
+
+import os
+import pickle
+import socket
+import time
+from dataclasses import asdict, dataclass, field
+
+from . import cache as cachemod
+
+STALE_AFTER = 10.0  # seconds without a status heartbeat (written every 2 s) before a remote writer counts as gone
+
+RUNNING, FINISHED, FAILED, STALE, INTERRUPTED, MISSING = (
+    "running", "finished", "failed", "stale", "interrupted", "missing")
+
+
+@dataclass
+class RankState:
+    rank: int
+    current: int | None = None
+    batch: int = 0
+    done: int = 0
+    failed: int = 0
+
+
+@dataclass
+class Failure:
+    index: int
+    error: str
+    traceback: str = ""
+
+
+@dataclass
+class Progress:
+    """One snapshot of a run. ``state``: running, finished, failed, stale (its writer is gone), interrupted,
+    or missing (nothing there)."""
+
+    output: str
+    state: str
+    total: int = 0
+    done: int = 0
+    cached: int = 0
+    computed: int = 0
+    running: int = 0
+    failed: int = 0
+    pending: int = 0
+    rate: float = 0.0
+    elapsed: float = 0.0
+    eta: float | None = None
+    started: float | None = None
+    updated: float | None = None
+    host: str = ""
+    pid: int | None = None
+    ranks: list = field(default_factory=list)
+    failures: list = field(default_factory=list)
+    note: str = ""
+
+    @property
+    def name(self):
+        return os.path.basename(self.output)
+
+    @property
+    def fraction(self):
+        return (self.done + self.failed) / self.total if self.total else (1.0 if self.state == FINISHED else 0.0)
+
+    @property
+    def active(self):
+        return self.state == RUNNING
+
+    def to_dict(self):
+        data = asdict(self)
+        data["name"] = self.name
+        data["fraction"] = self.fraction
+        return data
+
+
+def from_status(status, now=None):
+    """The model of a status dict as rank 0 writes it (also used live, by rank 0's own text view)."""
+    now = time.time() if now is None else now
+    started, updated = status.get("started"), status.get("updated")
+    elapsed = max((updated if status.get("state") != RUNNING else now) - started, 0.0) if started else 0.0
+    ranks = []
+    for key, info in sorted(status.get("ranks", {}).items(), key=lambda kv: int(kv[0])):
+        current = info.get("current")
+        ranks.append(RankState(int(key), current[0] if current else None, current[1] if current else 0,
+                               info.get("done", 0), info.get("failed", 0)))
+    progress = Progress(
+        output=status.get("output", ""), state=status.get("state", RUNNING), total=status.get("total", 0),
+        done=status.get("done", 0), cached=status.get("cached", 0), computed=status.get("computed", 0),
+        running=status.get("running", 0), failed=status.get("failed", 0), pending=status.get("pending", 0),
+        rate=status.get("rate", 0.0), elapsed=elapsed, started=started, updated=updated,
+        host=status.get("host", ""), pid=status.get("pid"), ranks=ranks,
+        failures=[Failure(f["index"], f.get("error", ""), f.get("traceback", "")) for f in status.get("failures", [])])
+    remaining = progress.total - progress.done - progress.failed
+    if progress.state == RUNNING and progress.rate > 0 and remaining > 0:
+        progress.eta = remaining / progress.rate
+    return progress
+
+
+def _writer_gone(status, now):
+    pid, host = status.get("pid"), status.get("host")
+    if host == socket.gethostname() and isinstance(pid, int):
+        return not cachemod._pid_alive(pid)
+    updated = status.get("updated")
+    return not isinstance(updated, (int, float)) or now - updated > STALE_AFTER
+
+
+class _RecordCount:
+    """Counts from the journals, recomputed only when a journal's size or mtime changed."""
+
+    def __init__(self):
+        self._key = None
+        self._value = None
+
+    def get(self, run):
+        paths = run.journal_paths()
+        key = []
+        for path in paths:
+            try:
+                st = os.stat(path)
+            except FileNotFoundError:
+                continue
+            key.append((path, st.st_size, st.st_mtime_ns))
+        if key != self._key:
+            done, failed = set(), {}
+            for rec in run.read_records():
+                if rec.ok:
+                    done.add(rec.index)
+                    failed.pop(rec.index, None)
+                elif rec.index not in done:
+                    failed[rec.index] = rec
+            self._key, self._value = key, (done, failed)
+        return self._value
+
+
+_counts = {}
+_finished_totals = {}
+
+
+def read_progress(path, now=None):
+    """The model of the run whose output (or ``.mpi`` directory) is ``path``."""
+    now = time.time() if now is None else now
+    path = os.path.abspath(os.fspath(path))
+    output = path[: -len(cachemod.RUN_SUFFIX)] if path.endswith(cachemod.RUN_SUFFIX) else path
+    run = cachemod.RunCache(output)
+    if not run.exists():
+        if os.path.exists(output):
+            total = _finished_total(output)
+            return Progress(output, FINISHED, total=total, done=total, note="output written")
+        return Progress(output, MISSING, note=f"no run at {output} (neither the output nor {run.run_dir})")
+    status = run.read_status()
+    if status is None:
+        return _from_records(run, None, now, "no status file yet")
+    progress = from_status(status, now)
+    progress.output = output
+    if progress.state == RUNNING and _writer_gone(status, now):
+        return _from_records(run, status, now, f"rank 0 (pid {status.get('pid')} on {status.get('host')}) "
+                                               "stopped updating: the run was killed or its host died")
+    return progress
+
+
+def _from_records(run, status, now, note):
+    """When the writer is gone the status may lag: count what the journals hold."""
+    done, failed = _counts.setdefault(run.run_dir, _RecordCount()).get(run)
+    manifest = run.read_manifest() or {}
+    total = (status or {}).get("total") or manifest.get("njobs") or len(done | set(failed))
+    progress = from_status(status, now) if status else Progress(run.output, STALE)
+    progress.output, progress.total, progress.note = run.output, total, note
+    progress.done, progress.failed, progress.running = len(done), len(failed), 0
+    progress.computed = max(progress.done - progress.cached, 0)
+    progress.pending = max(total - progress.done - progress.failed, 0)
+    progress.state, progress.eta = STALE, None
+    progress.ranks = [RankState(r.rank, None, 0, r.done, r.failed) for r in progress.ranks]
+    if not progress.failures:
+        progress.failures = [_failure_of(rec) for _, rec in sorted(failed.items())[:20]]
+    return progress
+
+
+def _failure_of(rec):
+    try:
+        info = rec.value()
+        return Failure(rec.index, info.get("error", ""), info.get("traceback", ""))
+    except Exception as exc:  # noqa: BLE001 - a damaged failure record still shows up as a failure
+        return Failure(rec.index, f"(record unreadable: {exc})")
+
+
+def _finished_total(output):
+    """Job count of a finished output; loaded once per file version, not per refresh."""
+    try:
+        st = os.stat(output)
+    except FileNotFoundError:
+        return 0
+    key = (st.st_size, st.st_mtime_ns)
+    cached = _finished_totals.get(output)
+    if cached and cached[0] == key:
+        return cached[1]
+    meta = cachemod.RunCache(output).read_meta()
+    if meta and isinstance(meta.get("njobs"), int):
+        total = meta["njobs"]
+    else:
+        try:
+            with open(output, "rb") as f:
+                data = pickle.load(f)
+            total = len(data[0] if isinstance(data, tuple) and len(data) == 1 else data)
+        except Exception:  # noqa: BLE001 - an unreadable output still counts as present
+            total = 0
+    _finished_totals[output] = (key, total)
+    return total
+
+
+def find_runs(root, max_depth=6):
+    """Every run under root: ``*.mpi`` directories, plus finished outputs that left a ``.code.json``."""
+    found = []
+    root = os.path.abspath(root)
+    for dirpath, dirnames, filenames in os.walk(root):
+        depth = dirpath[len(root):].count(os.sep)
+        runs = [d for d in dirnames if d.endswith(cachemod.RUN_SUFFIX)]
+        found += [os.path.join(dirpath, d[: -len(cachemod.RUN_SUFFIX)]) for d in runs]
+        found += [os.path.join(dirpath, f[: -len(cachemod.META_SUFFIX)]) for f in filenames
+                  if f.endswith(cachemod.META_SUFFIX) and f[: -len(cachemod.META_SUFFIX)] + cachemod.RUN_SUFFIX
+                  not in dirnames]
+        dirnames[:] = [d for d in dirnames if not d.startswith(".") and d not in runs and depth < max_depth]
+    return sorted(set(found))
+
+
+def format_duration(seconds):
+    if seconds is None:
+        return "?"
+    seconds = int(seconds)
+    hours, rest = divmod(seconds, 3600)
+    return f"{hours}:{rest // 60:02d}:{rest % 60:02d}"
+
+
+def summary_line(p):
+    """One line: what a TTY redraws, what a log gets every so often."""
+    if p.state == MISSING:
+        return f"{p.name}: {p.note}"
+    parts = [f"{p.name}: {p.state}", f"{p.done}/{p.total} done"]
+    if p.cached:
+        parts[-1] += f" ({p.cached} cached)"
+    if p.failed:
+        parts.append(f"{p.failed} failed")
+    if p.state == RUNNING:
+        parts += [f"{p.running} running", f"{p.rate:.1f} jobs/s", f"elapsed {format_duration(p.elapsed)}",
+                  f"ETA {format_duration(p.eta)}"]
+    elif p.elapsed:
+        parts.append(f"took {format_duration(p.elapsed)}")
+    return " | ".join(parts)
+
+
+def render_text(p):
+    """The whole model as text: summary, per-rank table, failures (first line of each)."""
+    lines = [summary_line(p)]
+    if p.note and p.state != MISSING:
+        lines.append(f"  note: {p.note}")
+    if p.ranks:
+        lines.append("  rank  current job  done  failed")
+        for r in p.ranks:
+            current = "-" if r.current is None else (f"{r.current}" + (f" (+{r.batch - 1})" if r.batch > 1 else ""))
+            lines.append(f"  {r.rank:>4}  {current:>11}  {r.done:>4}  {r.failed:>6}")
+    for f in p.failures:
+        lines.append(f"  failed job {f.index}: {f.error}")
+    return "\n".join(lines)
