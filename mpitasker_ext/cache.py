@@ -332,8 +332,10 @@ class RunCache:
     def meta_path(self):
         return self.output + META_SUFFIX
 
-    def write_meta(self, njobs, fingerprint, function_name=""):
-        meta = {"format": FORMAT_VERSION, "njobs": njobs, "code": fingerprint, "function": function_name}
+    def write_meta(self, njobs, fingerprint, function_name="", final_status=None):
+        """The code identity of a finished output, and its last status so views can still show how it went."""
+        meta = {"format": FORMAT_VERSION, "njobs": njobs, "code": fingerprint, "function": function_name,
+                "status": final_status}
         atomic_write_bytes(self.meta_path, json.dumps(meta).encode(), durable=False)
 
     def read_meta(self):

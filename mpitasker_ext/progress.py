@@ -150,8 +150,7 @@ def read_progress(path, now=None):
     run = cachemod.RunCache(output)
     if not run.exists():
         if os.path.exists(output):
-            total = _finished_total(output)
-            return Progress(output, FINISHED, total=total, done=total, note="output written")
+            return _finished(output)
         return Progress(output, MISSING, note=f"no run at {output} (neither the output nor {run.run_dir})")
     status = run.read_status()
     if status is None:
@@ -187,6 +186,19 @@ def _failure_of(rec):
         return Failure(rec.index, info.get("error", ""), info.get("traceback", ""))
     except Exception as exc:  # noqa: BLE001 - a damaged failure record still shows up as a failure
         return Failure(rec.index, f"(record unreadable: {exc})")
+
+
+def _finished(output):
+    """A finished run: its last status when the run kept one (the notebook magic does), else the job count."""
+    meta = cachemod.RunCache(output).read_meta() or {}
+    status = meta.get("status")
+    if isinstance(status, dict) and status.get("total") == meta.get("njobs"):
+        progress = from_status(dict(status, state=FINISHED))
+        progress.output, progress.running, progress.eta = output, 0, None
+        progress.ranks = [RankState(r.rank, None, 0, r.done, r.failed) for r in progress.ranks]
+        return progress
+    total = _finished_total(output)
+    return Progress(output, FINISHED, total=total, done=total, note="output written")
 
 
 def _finished_total(output):
@@ -240,7 +252,12 @@ def summary_line(p):
     """One line: what a TTY redraws, what a log gets every so often."""
     if p.state == MISSING:
         return f"{p.name}: {p.note}"
-    parts = [f"{p.name}: {p.state}", f"{p.done}/{p.total} done"]
+    return " | ".join([f"{p.name}: {p.state}", *summary_parts(p)])
+
+
+def summary_parts(p):
+    """The counts, rate and times of a snapshot, as short phrases."""
+    parts = [f"{p.done}/{p.total} done"]
     if p.cached:
         parts[-1] += f" ({p.cached} cached)"
     if p.failed:
@@ -250,7 +267,7 @@ def summary_line(p):
                   f"ETA {format_duration(p.eta)}"]
     elif p.elapsed:
         parts.append(f"took {format_duration(p.elapsed)}")
-    return " | ".join(parts)
+    return parts
 
 
 def render_text(p):

@@ -415,7 +415,7 @@ def finish(sweep, prepared, ledger):
     values = [best[i].value() for i in range(n)]
     cache.write_output([(i, [args[i]], values[i]) for i in range(n)])
     if sweep.remember_code:
-        cache.write_meta(n, sweep.fingerprint, sweep.function_name)
+        cache.write_meta(n, sweep.fingerprint, sweep.function_name, ledger.status("finished"))
     cache.remove()
     ledger.notify_final("finished")
     return Outcome(values=values)

@@ -97,7 +97,7 @@ class ProgressWidget:
 
         self._w = w
         self.title = w.HTML(f"<b>{html.escape(title)}</b>")
-        self.bar = w.FloatProgress(value=0.0, min=0.0, max=1.0, layout=w.Layout(width="60%"))
+        self.bar = w.FloatProgress(value=0.0, min=0.0, max=1.0, layout=w.Layout(width="35%", min_width="200px"))
         self.counts = w.HTML()
         self.counts.add_class("mpitasker-counts")
         self.ranks = w.HTML()
@@ -113,11 +113,11 @@ class ProgressWidget:
         color = _STATE_COLORS.get(progress.state, "#1976d2")
         self.bar.value = progress.fraction
         self.bar.style.bar_color = color
-        text = html.escape(progressmod.summary_line(progress).split(": ", 1)[-1])
-        self.counts.value = (f"<span class='mpitasker-state' style='color:{color}'>"
-                             f"{html.escape(progress.state)}</span> "
+        parts = progressmod.summary_parts(progress)
+        self.counts.value = (f"<span class='mpitasker-state' style='color:{color}'><b>"
+                             f"{html.escape(progress.state)}</b></span> "
                              f"<span class='mpitasker-done' data-done='{progress.done}' data-total='{progress.total}'>"
-                             f"{progress.done}/{progress.total}</span> &nbsp;{text}")
+                             f"{html.escape(' | '.join(parts))}</span>")
         self.ranks.value = _ranks_table(progress)
         shown = tuple((f.index, f.error) for f in progress.failures)
         if shown != self._shown_failures:
@@ -150,6 +150,7 @@ class Follower:
         self.output = output
         self.view = view
         self._stop = threading.Event()
+        self._closed = threading.Lock()
         self._thread = None
         if background:
             self._thread = threading.Thread(target=self.follow, name="mpitasker-progress", daemon=True)
@@ -162,16 +163,23 @@ class Follower:
 
     def follow(self):
         while not self._stop.is_set():
-            snapshot = self.refresh()
-            if snapshot.state != progressmod.RUNNING and snapshot.state != progressmod.MISSING:
-                break
+            snapshot = progressmod.read_progress(self.output)
+            if snapshot.state not in (progressmod.RUNNING, progressmod.MISSING):
+                self._close(snapshot)
+                return
+            self.view.update(snapshot)
             self._stop.wait(REFRESH_SECONDS)
 
     def stop(self):
         self._stop.set()
         if self._thread is not None and self._thread is not threading.current_thread():
             self._thread.join(5)
-        self.view.close(progressmod.read_progress(self.output))
+        self._close(progressmod.read_progress(self.output))
+
+    def _close(self, snapshot):
+        """The final state, drawn once."""
+        if self._closed.acquire(blocking=False):
+            self.view.close(snapshot)
 
 
 def status_view_for(path):

@@ -1,0 +1,100 @@
+"""A real browser (Debian's chromium, driven by Playwright) watches the %%mpimap widget move in JupyterLab."""
+
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+
+import nbformat
+import pytest
+
+from conftest import CLUSTER_PROFILE, REPO
+
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                 "--disable-component-update"]
+ARTIFACTS = os.path.join(REPO, "test-artifacts")
+JOBS = 240
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def jupyterlab(tmp_path):
+    if not os.access(CHROMIUM, os.X_OK):
+        pytest.fail(f"{CHROMIUM} is missing: the test command installs Debian's chromium (apt-get install chromium)")
+    port, token = free_port(), "t" + os.urandom(8).hex()
+    proc = subprocess.Popen([sys.executable, "-m", "jupyterlab", "--no-browser", "--ip=127.0.0.1", f"--port={port}",
+                             "--allow-root", f"--IdentityProvider.token={token}", f"--ServerApp.root_dir={tmp_path}"],
+                            stdout=subprocess.DEVNULL, stderr=open(tmp_path / "lab.log", "w"))
+    base = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 60
+    while time.time() < deadline:
+        try:
+            urllib.request.urlopen(f"{base}/api/status?token={token}", timeout=2)
+            break
+        except OSError:
+            time.sleep(0.3)
+    else:
+        proc.kill()
+        pytest.fail("JupyterLab did not start: " + (tmp_path / "lab.log").read_text()[-2000:])
+    yield base, token, tmp_path
+    proc.terminate()
+    proc.wait(15)
+
+
+def test_widget_counts_move_and_end_at_the_total(jupyterlab, mpi_cluster):
+    from playwright.sync_api import sync_playwright
+    base, token, root = jupyterlab
+    nb = nbformat.v4.new_notebook()
+    magic = f"%%mpimap --profile {CLUSTER_PROFILE} -o r sweep.pkl for x in range({JOBS})"
+    nb.cells = [nbformat.v4.new_code_cell("%load_ext mpitasker_ext"),
+                nbformat.v4.new_code_cell(magic + "\nimport time\ntime.sleep(0.05)\nx * x")]
+    nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
+    nbformat.write(nb, root / "progress.ipynb")
+    os.makedirs(ARTIFACTS, exist_ok=True)
+    seen = []
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        page = browser.new_page(viewport={"width": 1200, "height": 800})
+        page.goto(f"{base}/lab/tree/progress.ipynb?token={token}")
+        page.wait_for_selector(".jp-Notebook-ExecutionIndicator[data-status='idle']", timeout=90000)
+        for index in range(2):
+            page.locator(".jp-Cell .jp-InputArea-editor").nth(index).click()
+            page.keyboard.press("Shift+Enter")
+        deadline = time.time() + 120
+        while time.time() < deadline:
+            done = page.locator(".mpitasker-done")
+            if done.count():
+                value = (int(done.first.get_attribute("data-done")), int(done.first.get_attribute("data-total")))
+                if not seen or seen[-1] != value:
+                    seen.append(value)
+                if len(seen) == 3:
+                    page.screenshot(path=os.path.join(ARTIFACTS, "widget-running.png"))
+                if value[0] == JOBS and page.locator(".mpitasker-state", has_text="finished").count():
+                    break
+            time.sleep(0.2)
+        page.wait_for_selector("text=mpimap: 240 results", timeout=30000)
+        page.screenshot(path=os.path.join(ARTIFACTS, "widget-finished.png"))
+        browser.close()
+    assert seen, "the widget never appeared"
+    assert all(total == JOBS for _, total in seen)
+    counts = [d for d, _ in seen]
+    assert counts == sorted(counts) and len(set(counts)) >= 3, f"the counts did not move: {seen}"
+    assert counts[-1] == JOBS
+    with open(root / "sweep.pkl", "rb") as f:
+        assert [t[2] for t in pickle_load(f)] == [x * x for x in range(JOBS)]
+
+
+def pickle_load(f):
+    import pickle
+    data = pickle.load(f)
+    return data if len(data) > 1 else data[0]
+
+

@@ -1,0 +1,176 @@
+"""The progress model against real runs, its text renderings, the CLI, %mpistatus and the widget view."""
+
+import io
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from conftest import REPO
+from mpitasker_ext import progress as pm
+from mpitasker_ext.widget import ProgressWidget, TextProgress
+
+PAUSING_JOB = """
+    import os, sys, time
+    from mpitasker_ext import Tasker
+    def work(x):
+        if x >= 20:
+            while not os.path.exists('go'):
+                time.sleep(0.02)
+        if x == 45:
+            raise ValueError('job 45 is bad')
+        with open('exec.log', 'a') as f:
+            f.write(f'{x}\\n')
+        return x
+    with Tasker(chunksize=1) as tsk:
+        tsk.map('out.pkl', work, range(60))
+"""
+
+
+def wait_for(predicate, timeout=60, step=0.05):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(step)
+    raise AssertionError("condition not reached in time")
+
+
+def start(runner, script, n):
+    return subprocess.Popen(runner.command(script, n), cwd=runner.workdir, start_new_session=True,
+                            env=dict(os.environ, PYTHONPATH=REPO), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+
+
+def test_model_counts_at_a_paused_moment_and_at_the_end(runner):
+    runner.write("job.py", PAUSING_JOB)
+    proc = start(runner, "job.py", 3)
+    out = runner.path("out.pkl")
+    paused = wait_for(lambda: (p := pm.read_progress(out)).done == 20 and p.running == 2 and p)
+    assert paused.state == "running" and paused.total == 60 and paused.failed == 0
+    assert paused.pending == 60 - 20 - 2 and paused.cached == 0 and paused.computed == 20
+    currents = sorted(r.current for r in paused.ranks)       # a short-job batch may be queued behind the first
+    assert len(set(currents)) == 2 and currents[0] >= 20 and currents[1] <= 23
+    assert sum(r.done for r in paused.ranks) == 20
+    assert paused.eta is not None and paused.rate > 0
+    open(runner.path("go"), "w").close()
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode != 0                      # job 45 failed
+    final = pm.read_progress(out)
+    assert final.state == "failed" and final.done == 59 and final.failed == 1 and final.running == 0
+    assert final.failures[0].index == 45 and "job 45 is bad" in final.failures[0].traceback
+    assert "out.pkl: failed | 59/60 done | 1 failed" in err
+    os.remove(runner.path("go"))
+
+
+def test_killed_run_reads_as_stale_with_counts_from_the_journals(runner):
+    runner.write("job.py", PAUSING_JOB)
+    proc = start(runner, "job.py", 3)
+    out = runner.path("out.pkl")
+    wait_for(lambda: pm.read_progress(out).done == 20)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    stale = wait_for(lambda: (p := pm.read_progress(out)).state == "stale" and p, timeout=20)
+    assert stale.done == 20 and stale.running == 0 and stale.total == 60 and stale.pending == 40
+    assert "stopped updating" in stale.note
+    text = subprocess.run([sys.executable, "-m", "mpitasker_ext", "status", out], capture_output=True, text=True,
+                          env=dict(os.environ, PYTHONPATH=REPO), timeout=30).stdout
+    assert "out.pkl: stale | 20/60 done" in text and "stopped updating" in text
+
+
+def test_finished_and_missing_runs(tmp_path, monkeypatch):
+    from mpitasker_ext import mpimap
+    monkeypatch.chdir(tmp_path)
+    mpimap(abs, range(-5, 5), str(tmp_path / "done.pkl"), progress=False)
+    finished = pm.read_progress(tmp_path / "done.pkl")
+    assert finished.state == "finished" and finished.total == finished.done == 10
+    missing = pm.read_progress(tmp_path / "nothing.pkl")
+    assert missing.state == "missing" and "no run at" in missing.note
+    proc = subprocess.run([sys.executable, "-m", "mpitasker_ext", "status", str(tmp_path / "nothing.pkl")],
+                          capture_output=True, text=True, env=dict(os.environ, PYTHONPATH=REPO), timeout=30)
+    assert proc.returncode == 1 and "no run at" in proc.stdout
+
+
+def sample_status(**over):
+    status = {"state": "running", "output": "/x/sweep.pkl", "total": 100, "done": 40, "cached": 10,
+              "computed": 30, "failed": 2, "running": 3, "pending": 55, "rate": 5.0, "started": 1000.0,
+              "updated": 1010.0, "host": "h", "pid": 1, "workers": 3,
+              "ranks": {"1": {"current": [41, 1], "done": 10, "failed": 1},
+                        "2": {"current": [50, 4], "done": 20, "failed": 1}, "3": {"current": None, "done": 0,
+                                                                                   "failed": 0}},
+              "failures": [{"index": 7, "error": "ValueError: bad 7", "traceback": "Traceback ...\nValueError"}]}
+    status.update(over)
+    return status
+
+
+def test_text_rendering():
+    p = pm.from_status(sample_status(), now=1012.0)
+    assert p.elapsed == 12.0 and p.eta == pytest.approx((100 - 40 - 2) / 5.0)
+    assert pm.summary_line(p) == ("sweep.pkl: running | 40/100 done (10 cached) | 2 failed | 3 running | "
+                                  "5.0 jobs/s | elapsed 0:00:12 | ETA 0:00:11")
+    text = pm.render_text(p)
+    assert "     1           41    10       1" in text and "50 (+3)" in text
+    assert "failed job 7: ValueError: bad 7" in text
+    done = pm.from_status(sample_status(state="failed"), now=5000.0)
+    assert pm.summary_line(done) == "sweep.pkl: failed | 40/100 done (10 cached) | 2 failed | took 0:00:10"
+
+
+def test_text_view_draws_one_line_on_a_tty_and_rare_lines_in_a_log():
+    class Tty(io.StringIO):
+        def isatty(self):
+            return True
+    tty, log = Tty(), io.StringIO()
+    p = pm.from_status(sample_status(), now=1012.0)
+    tty_view, log_view = TextProgress(tty), TextProgress(log, every=30)
+    for _ in range(50):
+        tty_view.update(p)
+        log_view.update(p)
+    assert tty.getvalue().count("\n") == 0 and tty.getvalue().count("\r") == 50
+    assert log.getvalue().count("\n") == 1
+    log_view.close(p)
+    assert "rank  current job" in log.getvalue()
+
+
+def test_widget_view_renders_the_model():
+    widget = ProgressWidget("sweep")
+    widget.update(pm.from_status(sample_status(), now=1012.0))
+    assert "40/100" in widget.counts.value and "data-total='100'" in widget.counts.value
+    assert widget.bar.value == pytest.approx(0.42)
+    assert "<td>41</td>" in widget.ranks.value and len(widget.failures.children) == 1
+    assert widget.failures.get_title(0).startswith("job 7: ValueError")
+    widget.update(pm.from_status(sample_status(failures=[{"index": 1, "error": "<b>x</b>", "traceback": "<t>"}])))
+    assert "&lt;t&gt;" in widget.failures.children[0].value
+
+
+def test_mpistatus_magic_shows_any_run_directory(runner, capsys):
+    from IPython.core.interactiveshell import InteractiveShell
+    runner.write("job.py", PAUSING_JOB)
+    proc = start(runner, "job.py", 3)
+    out = runner.path("out.pkl")
+    wait_for(lambda: pm.read_progress(out).done == 20)
+    ip = InteractiveShell.instance()
+    ip.run_line_magic("load_ext", "mpitasker_ext")
+    follower = ip.run_line_magic("mpistatus", out)
+    assert follower is None
+    time.sleep(0.3)
+    open(runner.path("go"), "w").close()
+    proc.communicate(timeout=120)
+    seen = []
+    wait_for(lambda: seen.append(capsys.readouterr().err) or "out.pkl: failed" in "".join(seen), timeout=10)
+    assert "out.pkl: running | 20/60 done" in "".join(seen)
+    assert "out.pkl: failed | 59/60 done | 1 failed" in "".join(seen)
+
+
+def test_script_mode_progress_goes_to_rank0_stderr_without_per_job_lines(runner):
+    runner.write("job.py", """
+        from mpitasker_ext import mpimap
+        mpimap(lambda x: x, range(500), 'quiet.pkl')
+    """)
+    proc = runner.run("job.py", 4)
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert any("quiet.pkl: finished | 500/500 done" in line for line in lines)
+    assert len(lines) < 10, lines
