@@ -41,7 +41,8 @@ LOCK_STALE_AFTER = 120.0
 _FRAME = struct.Struct("<4sII")  # magic, body length, crc32 of body
 _FIELDS = struct.Struct("<QB16sd")  # job index, status, args digest, seconds spent
 _FRAME_MAGIC = b"MTJ\x01"
-OK, FAILED = 0, 1
+OK, FAILED, STARTED = 0, 1, 2  # a STARTED record lists a batch a worker is about to run
+MAX_RECORD = (1 << 32) - 1 - 64
 
 
 def run_dir_for(output):
@@ -141,33 +142,76 @@ def _stable_bytes(value):
 
 @dataclass(frozen=True)
 class JobRecord:
-    """One finished job as found in a journal; the result stays pickled until asked for."""
+    """One journal record: a finished job (ok or failed) or a started batch; the payload stays pickled."""
 
     index: int
-    ok: bool
+    kind: int
     digest: bytes
     seconds: float
     payload: bytes
 
+    @property
+    def ok(self):
+        return self.kind == OK
+
     def value(self):
-        """The job's result if ok, else its traceback text."""
+        """The job's result if ok, its failure dict if failed, the batch's indices if started."""
         return pickle.loads(self.payload)
 
 
-def encode_record(index, ok, digest, seconds, payload):
-    body = _FIELDS.pack(index, OK if ok else FAILED, digest, seconds) + payload
+@dataclass
+class JournalInfo:
+    """Who wrote a journal (from its header line), and what it was doing when it stopped."""
+
+    path: str
+    rank: int | None = None
+    pid: int | None = None
+    host: str = ""
+    in_flight: int | None = None
+
+
+def encode_record(index, kind, digest, seconds, payload):
+    body = _FIELDS.pack(index, kind, digest, seconds) + payload
+    if len(body) > MAX_RECORD:
+        raise RecordTooLarge(len(payload))
     return _FRAME.pack(_FRAME_MAGIC, len(body), zlib.crc32(body)) + body
+
+
+class RecordTooLarge(ValueError):
+    """A job result beyond what one journal frame can hold (4 GiB)."""
+
+    def __init__(self, size):
+        super().__init__(f"the result pickles to {size / 2**30:.1f} GiB, more than a journal record holds "
+                         f"({MAX_RECORD / 2**30:.1f} GiB): save it to a file in the job and return the path")
+
+
+def journal_header(data):
+    """The header line's writer info (rank, pid, host), or None if this is not a journal of our format."""
+    prefix = JOURNAL_MAGIC_LINE % FORMAT_VERSION
+    line_end = data.find(b"\n", 0, 4096)
+    if line_end < 0:
+        return None
+    line = bytes(data[: line_end + 1])
+    if line == prefix:
+        return {}
+    if not line.startswith(prefix[:-1] + b" "):
+        return None
+    try:
+        info = json.loads(line[len(prefix):])
+    except ValueError:
+        return {}
+    return info if isinstance(info, dict) else {}
 
 
 def decode_journal(data, name="journal"):
     """Yield the valid records of one journal's bytes; skip torn or corrupt frames with a warning."""
-    header = JOURNAL_MAGIC_LINE % FORMAT_VERSION
-    if not data.startswith(header):
+    info = journal_header(data)
+    if info is None:
         if data:
             log.warning("%s: not a format-%d journal (starts with %r); its jobs will be recomputed",
                         name, FORMAT_VERSION, bytes(data[:24]))
         return
-    pos, end = len(header), len(data)
+    pos, end = data.find(b"\n") + 1, len(data)
     skipped = 0
     view = memoryview(data)
     while pos < end:
@@ -177,8 +221,8 @@ def decode_journal(data, name="journal"):
             if magic == _FRAME_MAGIC and stop <= end and length >= _FIELDS.size:
                 body = view[pos + _FRAME.size:stop]
                 if zlib.crc32(body) == crc:
-                    index, status, digest, seconds = _FIELDS.unpack_from(body)
-                    yield JobRecord(index, status == OK, digest, seconds, bytes(body[_FIELDS.size:]))
+                    index, kind, digest, seconds = _FIELDS.unpack_from(body)
+                    yield JobRecord(index, kind, digest, seconds, bytes(body[_FIELDS.size:]))
                     pos = stop
                     continue
         following = data.find(_FRAME_MAGIC, pos + 1)
@@ -198,15 +242,24 @@ def decode_journal(data, name="journal"):
 class JournalWriter:
     """Append-only journal of one process: no locks needed, a kill loses nothing already written."""
 
-    def __init__(self, path, fsync_interval=FSYNC_INTERVAL):
+    def __init__(self, path, rank=None, fsync_interval=FSYNC_INTERVAL):
         self.path = path
         self._fsync_interval = fsync_interval
         self._fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_APPEND, 0o644)
         self._last_sync = time.monotonic()
-        self._write(JOURNAL_MAGIC_LINE % FORMAT_VERSION)
+        writer = {"rank": rank, "pid": os.getpid(), "host": socket.gethostname(), "started": time.time()}
+        self._write((JOURNAL_MAGIC_LINE % FORMAT_VERSION)[:-1] + b" " + json.dumps(writer).encode() + b"\n")
 
     def append(self, index, ok, digest, seconds, payload):
-        self._write(encode_record(index, ok, digest, seconds, payload))
+        """One finished job, in one write() straight to the OS."""
+        self._write(encode_record(index, OK if ok else FAILED, digest, seconds, payload))
+        self._maybe_sync()
+
+    def start_batch(self, indices):
+        """Note the batch about to run: if the process dies, the next run knows which job was running."""
+        self._write(encode_record(indices[0], STARTED, bytes(16), 0.0, pickle.dumps(list(indices))))
+
+    def _maybe_sync(self):
         now = time.monotonic()
         if now - self._last_sync >= self._fsync_interval:
             os.fsync(self._fd)
@@ -225,6 +278,22 @@ class JournalWriter:
             finally:
                 os.close(self._fd)
                 self._fd = None
+
+
+def _in_flight(records):
+    """The first job of the last started batch that has no record after it: what was running at the end."""
+    batch, finished = None, set()
+    for rec in records:
+        if rec.kind == STARTED:
+            try:
+                batch, finished = rec.value(), set()
+            except Exception:  # noqa: BLE001 - a damaged batch note only loses this hint
+                batch = None
+        else:
+            finished.add(rec.index)
+    if batch:
+        return next((i for i in batch if i not in finished), None)
+    return None
 
 
 def atomic_write_bytes(path, data, durable=True):
@@ -371,12 +440,17 @@ class RunCache:
         """A fresh journal for this process; a new file per run, so a torn tail is never appended to."""
         name = f"{JOURNAL_PREFIX}r{rank:05d}-{secrets.token_hex(4)}{JOURNAL_SUFFIX}"
         try:
-            return JournalWriter(self.path(name))
+            return JournalWriter(self.path(name), rank)
         except OSError as exc:
             raise CacheError(f"cannot create journal {self.path(name)}: {exc.strerror}") from exc
 
     def read_records(self):
-        """Every valid record of every journal, in file order."""
+        """Every valid job record (ok or failed) of every journal, in file order."""
+        for _info, records in self.read_journals():
+            yield from (rec for rec in records if rec.kind != STARTED)
+
+    def read_journals(self):
+        """Each journal's writer info (with the job it was running when it stopped) and its records."""
         for path in self.journal_paths():
             try:
                 with open(path, "rb") as f:
@@ -384,7 +458,17 @@ class RunCache:
             except OSError as exc:
                 log.warning("journal %s is unreadable (%s); its jobs will be recomputed", path, exc.strerror)
                 continue
-            yield from decode_journal(data, path)
+            header = journal_header(data) or {}
+            records = list(decode_journal(data, path))
+            info = JournalInfo(path, header.get("rank"), header.get("pid"), header.get("host", ""),
+                               _in_flight(records))
+            yield info, records
+
+    def interrupted_jobs(self):
+        """Jobs that were running when their process stopped, oldest journal first: (index, JournalInfo)."""
+        found = [(info.in_flight, info) for info, _ in self.read_journals() if info.in_flight is not None]
+        return sorted(found, key=lambda item: os.path.getmtime(item[1].path) if os.path.exists(item[1].path)
+                      else 0)
 
     def discard_records(self):
         """Delete the journals: only on an explicit request to recompute."""

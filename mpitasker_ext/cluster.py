@@ -7,6 +7,7 @@ job indices between the engines. Rank 0 of the engines runs the scheduler, the o
 
 import logging
 import os
+import re
 import shutil
 import sys
 from dataclasses import dataclass, field
@@ -23,6 +24,10 @@ HOW_TO_START = ("start one with  %mpicluster start -n 4  in the notebook, or  ip
 
 class ClusterError(MPITaskerError):
     """No usable cluster, or engines that are not one MPI world."""
+
+
+class EnginesDied(ClusterError):
+    """Engines died during a run; finished jobs are kept and the cluster must be restarted."""
 
 
 def mpiexec_path():
@@ -183,6 +188,47 @@ def submit(client, task):
 
     payload = cloudpickle.dumps(task)
     return client[:].apply_async(run_task, payload)
+
+
+def collect(future, output):
+    """Rank 0's reply, or a clear EnginesDied when engine processes died during the run."""
+    try:
+        replies = future.result()
+    except Exception as exc:  # noqa: BLE001 - ipyparallel wraps remote failures in several types
+        dead = _dead_engines(exc)
+        if not dead:
+            raise
+        raise EnginesDied(_death_message(dead, output)) from None
+    return root_reply(replies)
+
+
+def _dead_engines(exc):
+    """Engine ids that ipyparallel reports as died (EngineError), from a single or a composite error."""
+    errors = getattr(exc, "elist", None)
+    if errors is None:
+        errors = [(type(exc).__name__, str(exc), "", getattr(exc, "engine_info", {}) or {})]
+    dead = set()
+    for name, value, _tb, info in errors:
+        if name == "EngineError":
+            found = re.search(r"Engine (\d+) died", str(value))
+            dead.add(int(found.group(1)) if found else (info or {}).get("engine_id", "?"))
+    return sorted(dead, key=str)
+
+
+def _death_message(dead, output):
+    from .cache import RunCache
+    from .progress import read_progress
+
+    running = ", ".join(f"job {index} (rank {info.rank}, pid {info.pid})"
+                        for index, info in RunCache(output).interrupted_jobs()[-8:])
+    snapshot = read_progress(output)
+    return (f"MPI engines died during the run (engines {', '.join(map(str, dead))}; MPI stops every engine "
+            "when one of its processes dies). "
+            + (f"Jobs running at that moment: {running}; if one of them kills its process (os._exit, a "
+               "segfault, running out of memory), it is the cause. " if running else "")
+            + f"{snapshot.done} finished jobs are kept in {output}.mpi/. Restart the cluster (%mpicluster stop "
+            "then %mpicluster start -n N, or ipcluster stop / start in the terminal) and run the cell again to "
+            "resume.")
 
 
 def root_reply(replies):

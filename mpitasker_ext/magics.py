@@ -197,7 +197,7 @@ class MPIMapMagics(Magics):
         where = f"{len(ranks) - 1} MPI workers"
 
         def finish(done):
-            reply = clustermod.root_reply(done.result())
+            reply = clustermod.collect(done, plan.output)
             if reply.values is None:
                 _raise_reply(reply)
             return self._assign(plan, reply.values, started, where)
@@ -245,6 +245,9 @@ class MPIMapMagics(Magics):
     def _check_world(self, client):
         """Once per set of engines: an engine restart or an added engine triggers a new check."""
         ids = tuple(client.ids)
+        if not ids:
+            raise IPythonUsageError("the cluster has no engines left (they died or were stopped); restart it: "
+                                    "%mpicluster stop then %mpicluster start -n N, or ipcluster stop / start")
         if self._checked_ids != ids:
             try:
                 self._ranks = clustermod.check_one_world(client)

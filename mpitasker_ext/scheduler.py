@@ -152,6 +152,9 @@ def execute_job(fn, index, arg):
         wrapped = TypeError(f"the result of type {type(value).__name__} cannot be pickled ({exc}); "
                             "return plain data (numbers, arrays, dicts) from the job")
         return False, _failure_payload(index, arg, wrapped, skip_frames=0), time.perf_counter() - start
+    if len(payload) > cachemod.MAX_RECORD - 64:
+        too_large = cachemod.RecordTooLarge(len(payload))
+        return False, _failure_payload(index, arg, too_large, skip_frames=0), time.perf_counter() - start
     return True, payload, time.perf_counter() - start
 
 
@@ -160,6 +163,7 @@ def _run_batch(sweep, indices, journal, rank):
     args, fn = sweep.args, sweep.fn
     start = time.perf_counter()
     ok_count, failures = 0, {}
+    journal.start_batch(indices)
     for index in indices:
         arg = args[index]
         ok, payload, seconds = execute_job(fn, index, arg)
@@ -315,13 +319,17 @@ def prepare(sweep):
                     journal.append(index, True, digests[index], 0.0, pickle.dumps(value, cachemod.RESULT_PROTOCOL))
             finally:
                 journal.close()
-        done, changed = set(), 0
-        for rec in cache.read_records():
-            if rec.ok and rec.index < n and rec.index not in done:
-                if rec.digest != _digest(digests, sweep.args, rec.index):
-                    changed += 1
-                elif _loadable(rec):
-                    done.add(rec.index)
+        done, changed, interrupted = set(), 0, []
+        for info, records in cache.read_journals():
+            if info.in_flight is not None:
+                interrupted.append(info)
+            for rec in records:
+                if rec.ok and rec.index < n and rec.index not in done:
+                    if rec.digest != _digest(digests, sweep.args, rec.index):
+                        changed += 1
+                    elif _loadable(rec):
+                        done.add(rec.index)
+        _report_interrupted([info for info in interrupted if info.in_flight not in done], sweep.args)
         if changed:
             log.warning("%d cached records were made for other arguments than now; recomputing those jobs", changed)
         prepared.cached = len(done)
@@ -330,6 +338,22 @@ def prepare(sweep):
         cache.release_lock()
         raise
     return prepared
+
+
+def _report_interrupted(interrupted, args):
+    """Say which jobs were running when earlier runs died: the one that kills its process is among them."""
+    if not interrupted:
+        return
+    shown = ", ".join(f"job {i.in_flight} (rank {i.rank}, pid {i.pid} on {i.host})" for i in interrupted[-8:])
+    log.warning("an earlier run stopped while these jobs were running: %s; they run again now", shown)
+    deaths = {}
+    for info in interrupted:
+        deaths[info.in_flight] = deaths.get(info.in_flight, 0) + 1
+    for index, count in sorted(deaths.items()):
+        if count >= 2 and index < len(args):
+            log.warning("job %d was running each of the %d times a process of this sweep died: it probably kills "
+                        "its own process (os._exit, a segfault, running out of memory). Its argument is %s; try "
+                        "it alone with fn(args[%d]).", index, count, _short_repr(args[index]), index)
 
 
 def _loadable(rec):
