@@ -45,6 +45,18 @@ OK, FAILED, STARTED = 0, 1, 2  # a STARTED record lists a batch a worker is abou
 MAX_RECORD = (1 << 32) - 1 - 64
 
 
+def dumps(obj, protocol=RESULT_PROTOCOL):
+    """pickle, or cloudpickle for what only it can carry (instances of classes defined in a notebook cell)."""
+    try:
+        return pickle.dumps(obj, protocol=protocol)
+    except Exception:  # noqa: BLE001 - retried below with cloudpickle, whose error is the one reported
+        try:
+            import cloudpickle
+        except ImportError:
+            raise
+        return cloudpickle.dumps(obj, protocol=protocol)
+
+
 def run_dir_for(output):
     return os.fspath(output) + RUN_SUFFIX
 
@@ -52,7 +64,7 @@ def run_dir_for(output):
 def args_digest(arg):
     """A 16-byte identity of one job's argument, so a record is reused only for the same input."""
     try:
-        data = pickle.dumps(_canonical(arg), protocol=HASH_PROTOCOL)
+        data = dumps(_canonical(arg), protocol=HASH_PROTOCOL)
     except Exception as exc:
         raise UsageError(
             f"a job argument of type {type(arg).__name__} cannot be pickled ({exc}); arguments are stored with the "
@@ -72,6 +84,26 @@ def _canonical(value):
     if kind is dict:
         return {k: _canonical(v) for k, v in value.items()}
     return value
+
+
+class _NullSink:
+    def write(self, data):
+        return len(data)
+
+
+def check_picklable(args):
+    """Before anything is written: every argument must pickle (one C-level pass, nothing kept in memory)."""
+    try:
+        pickle.Pickler(_NullSink(), protocol=HASH_PROTOCOL).dump(args)
+    except Exception:  # noqa: BLE001 - find and name the culprit below
+        for index, arg in enumerate(args):
+            try:
+                dumps(arg, protocol=HASH_PROTOCOL)
+            except Exception as exc:  # noqa: BLE001 - any pickling failure is the same user error
+                raise UsageError(
+                    f"the argument of job {index} ({type(arg).__name__}) cannot be pickled ({exc}); arguments "
+                    "are stored with the results, so pass picklable values (numbers, strings, tuples, arrays) "
+                    "and build other objects inside the job function") from exc
 
 
 def code_fingerprint(fn):
@@ -394,7 +426,7 @@ class RunCache:
 
     def write_output(self, triples):
         """The seed's format: a pickled 1-tuple holding the list of (index, [arg], result)."""
-        atomic_write_bytes(self.output, pickle.dumps((triples,), protocol=RESULT_PROTOCOL))
+        atomic_write_bytes(self.output, dumps((triples,)))
 
     # -- code identity of a finished output (kept only when the caller asks: the notebook magic) ---------------
     @property

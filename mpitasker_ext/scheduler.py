@@ -106,8 +106,9 @@ class Outcome:
 
     @classmethod
     def from_exception(cls, exc):
-        kind = type(exc).__name__ if isinstance(exc, errors.MPITaskerError) else "MPITaskerError"
-        return cls(error_type=kind, message=f"rank 0 could not run the map: {exc}")
+        if isinstance(exc, errors.MPITaskerError):
+            return cls(error_type=type(exc).__name__, message=str(exc))
+        return cls(error_type="MPITaskerError", message=f"rank 0 could not run the map: {exc}")
 
     def raise_error(self, on_root):
         """Rank 0 shows the whole story; the other ranks a one-line version of the same error."""
@@ -147,7 +148,7 @@ def execute_job(fn, index, arg):
     except Exception as exc:  # noqa: BLE001 - whatever the job raises becomes its failure record
         return False, _failure_payload(index, arg, exc, skip_frames=1), time.perf_counter() - start
     try:
-        payload = pickle.dumps(value, protocol=cachemod.RESULT_PROTOCOL)
+        payload = cachemod.dumps(value)
     except Exception as exc:  # noqa: BLE001 - pickling a user object can raise any type
         wrapped = TypeError(f"the result of type {type(value).__name__} cannot be pickled ({exc}); "
                             "return plain data (numbers, arrays, dicts) from the job")
@@ -198,6 +199,7 @@ class Ledger:
         self._last_write = 0.0
         self._last_log = time.monotonic()
         self._dirty = True
+        self._status_failed = False
 
     def running(self):
         """Jobs executing now: one per busy rank (the rest of a rank's batch still counts as pending)."""
@@ -256,7 +258,13 @@ class Ledger:
             self._last_write = now
             self._dirty = False
             status = self.status(state)
-            self.cache.write_status(status)
+            try:
+                self.cache.write_status(status)
+            except OSError as exc:
+                if not self._status_failed:
+                    log.warning("cannot write the status file in %s (%s); the run goes on, progress views "
+                                "will lag", self.cache.run_dir, exc.strerror)
+                self._status_failed = True
             if self.monitor is not None:
                 self.monitor(status)
         if now - self._last_log >= 30.0:
@@ -286,6 +294,7 @@ def prepare(sweep):
     """Rank 0 before any work: reuse the output or the run directory, and list the jobs still to run."""
     cache = cachemod.RunCache(sweep.output)
     cache.check_output_path()
+    cachemod.check_picklable(sweep.args)
     if not sweep.fingerprint:
         sweep.fingerprint = cachemod.code_fingerprint(sweep.fn)
     n = len(sweep.args)
@@ -316,7 +325,7 @@ def prepare(sweep):
             journal = cache.new_journal(0)
             try:
                 for index, value in reusable.items():
-                    journal.append(index, True, digests[index], 0.0, pickle.dumps(value, cachemod.RESULT_PROTOCOL))
+                    journal.append(index, True, digests[index], 0.0, cachemod.dumps(value))
             finally:
                 journal.close()
         done, changed, interrupted = set(), 0, []
@@ -405,7 +414,10 @@ def _check_manifest(sweep, cache):
                 f"(function {manifest.get('function')!r} then, {sweep.function_name!r} now)")
         if not _code_change(sweep, what):
             cache.discard_records()
-    cache.write_manifest(len(sweep.args), sweep.fingerprint, sweep.function_name)
+    try:
+        cache.write_manifest(len(sweep.args), sweep.fingerprint, sweep.function_name)
+    except OSError as exc:
+        raise disk_error(cache, "write the manifest of", exc) from exc
 
 
 def finish(sweep, prepared, ledger):
@@ -437,10 +449,19 @@ def finish(sweep, prepared, ledger):
             f"{len(missing)} jobs (e.g. {missing[:10]}) have no record although they were scheduled; a "
             f"worker may have lost its journal. Rerun to compute them; finished work is kept in {cache.run_dir}"))
     values = [best[i].value() for i in range(n)]
-    cache.write_output([(i, [args[i]], values[i]) for i in range(n)])
-    if sweep.remember_code:
-        cache.write_meta(n, sweep.fingerprint, sweep.function_name, ledger.status("finished"))
-    cache.remove()
+    try:
+        cache.write_output([(i, [args[i]], values[i]) for i in range(n)])
+    except OSError as exc:
+        ledger.maybe_write("error", force=True)
+        cache.release_lock()
+        return Outcome.from_exception(disk_error(cache, "write the output of", exc))
+    try:
+        if sweep.remember_code:
+            cache.write_meta(n, sweep.fingerprint, sweep.function_name, ledger.status("finished"))
+        cache.remove()
+    except OSError as exc:
+        log.warning("the output %s is complete, but cleaning up %s failed (%s); delete it by hand",
+                    cache.output, cache.run_dir, exc)
     ledger.notify_final("finished")
     return Outcome(values=values)
 
@@ -459,6 +480,14 @@ def _failure_outcome(sweep, cache, failed, n):
 
 # -- serial path -------------------------------------------------------------------------------------------------
 
+def disk_error(cache, what, exc):
+    """An I/O failure as users need to read it: what failed, why, and that finished work is safe."""
+    return errors.CacheError(
+        f"cannot {what} {cache.output}: {exc.strerror or exc} ({getattr(exc, 'filename', '') or cache.run_dir}). "
+        f"Every finished job is kept in {cache.run_dir}; fix the cause (free disk space, permissions) and rerun: "
+        "finished jobs are not computed again.")
+
+
 def run_serial(sweep):
     """All jobs in this process, with the same cache, resume and failure rules as the MPI path."""
     prepared = prepare(sweep)
@@ -474,7 +503,10 @@ def run_serial(sweep):
             while queue:
                 index = queue.popleft()
                 ledger.set_current(0, [index])
-                ok_count, failures, _ = _run_batch(sweep, [index], journal, 0)
+                try:
+                    ok_count, failures, _ = _run_batch(sweep, [index], journal, 0)
+                except OSError as exc:
+                    raise disk_error(prepared.cache, "journal a job of", exc) from exc
                 ledger.set_current(0, None)
                 queue.extend(ledger.record(0, ok_count, failures, sweep.retries))
                 ledger.maybe_write()
@@ -546,7 +578,7 @@ def _send_final(comm, outcome):
     """Tell every worker the result; the pickled values then go out in one polled broadcast."""
     from mpi4py import MPI
 
-    data = None if outcome.values is None else pickle.dumps(outcome.values, protocol=cachemod.RESULT_PROTOCOL)
+    data = None if outcome.values is None else cachemod.dumps(outcome.values)
     header = Outcome(None, outcome.error_type, outcome.message, outcome.failures, outcome.total)
     poll_wait([comm.isend((header, None if data is None else len(data)), dest=w, tag=TAG_FINAL)
                for w in range(1, comm.size)])

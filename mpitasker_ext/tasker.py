@@ -1,6 +1,7 @@
 """The seed-compatible ``Tasker`` and a plain ``mpimap()``: pick the communicator, build the sweep, run it."""
 
 import io
+import itertools
 import logging
 import os
 import sys
@@ -60,15 +61,30 @@ def line_atomic_stdout():
                 log.debug("cannot make %s line buffered: %s", stream, exc)
 
 
+MAX_JOBS = 50_000_000  # every rank holds every argument: beyond this, memory, not the scheduler, gives out
+
+
 def job_list(args):
+    """The arguments as a list, with the mistakes users make named before anything runs."""
     if isinstance(args, (str, bytes)):
         raise UsageError(f"args is a {type(args).__name__}; pass a list of job arguments, e.g. [{args!r}] for "
                          "one job")
     try:
-        jobs = list(args)
+        size = len(args)
+    except TypeError:
+        size = None
+    if size is not None and size > MAX_JOBS:
+        raise UsageError(f"{size:,} jobs is more than one map handles ({MAX_JOBS:,}: every rank keeps every "
+                         "argument in memory). Split the sweep into several maps, or give each job a block of "
+                         "items.")
+    try:
+        jobs = list(itertools.islice(iter(args), MAX_JOBS + 1))
     except TypeError as exc:
         raise UsageError(f"args must be an iterable of job arguments (a list, range or generator), got "
                          f"{type(args).__name__}") from exc
+    if len(jobs) > MAX_JOBS:
+        raise UsageError(f"the iterable yields more than {MAX_JOBS:,} jobs, more than one map handles: split the "
+                         "sweep into several maps, or give each job a block of items")
     if not jobs:
         raise UsageError("args is empty: there are no jobs to run. Check the iterable you passed (an exhausted "
                          "generator reads as empty).")

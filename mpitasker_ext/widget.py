@@ -157,8 +157,10 @@ class Follower:
             self._thread.start()
 
     def refresh(self):
+        """Redraw from the run directory; nothing is drawn until the run has started."""
         snapshot = progressmod.read_progress(self.output)
-        self.view.update(snapshot)
+        if snapshot.state != progressmod.MISSING:
+            self.view.update(snapshot)
         return snapshot
 
     def follow(self):
@@ -167,7 +169,8 @@ class Follower:
             if snapshot.state not in (progressmod.RUNNING, progressmod.MISSING):
                 self._close(snapshot)
                 return
-            self.view.update(snapshot)
+            if snapshot.state != progressmod.MISSING:
+                self.view.update(snapshot)
             self._stop.wait(REFRESH_SECONDS)
 
     def stop(self):
@@ -178,7 +181,7 @@ class Follower:
 
     def _close(self, snapshot):
         """The final state, drawn once."""
-        if self._closed.acquire(blocking=False):
+        if snapshot.state != progressmod.MISSING and self._closed.acquire(blocking=False):
             self.view.close(snapshot)
 
 

@@ -62,6 +62,22 @@ def test_cell_becomes_a_job_with_its_notebook_closure(shell, mpi_cluster, tmp_pa
     assert not (tmp_path / "sweep.pkl.mpi").exists()
 
 
+def test_notebook_class_instances_as_arguments_and_results(shell, mpi_cluster, tmp_path):
+    shell.run_cell(textwrap.dedent("""
+        class Point:
+            def __init__(self, x, y):
+                self.x, self.y = x, y
+            def norm2(self):
+                return self.x ** 2 + self.y ** 2
+        points = [Point(i, i + 1) for i in range(5)]
+    """))
+    values = shell.run_cell_magic("mpimap", f"{ON} pts.pkl for p in points", "q = Point(p.y, p.x)\n(q, q.norm2())")
+    assert [n for _, n in values] == [i * i + (i + 1) ** 2 for i in range(5)]
+    assert [(q.x, q.y) for q, _ in values] == [(i + 1, i) for i in range(5)]
+    again = shell.run_cell_magic("mpimap", f"{ON} pts.pkl for p in points", "q = Point(p.y, p.x)\n(q, q.norm2())")
+    assert [n for _, n in again] == [n for _, n in values]
+
+
 def test_generator_iterable_kernel_cwd_and_sys_path(shell, mpi_cluster, tmp_path):
     lib = tmp_path / "lib"
     lib.mkdir()
