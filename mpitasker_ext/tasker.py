@@ -158,7 +158,7 @@ class Tasker:
         sweep = Sweep(fn, jobs, filename,
                       retries=self.retries if retries is None else retries, force=force,
                       on_code_change=on_code_change or self.on_code_change,
-                      chunksize=chunksize or self.chunksize, verbose=self.verbose,
+                      chunksize=self.chunksize if chunksize is None else chunksize, verbose=self.verbose,
                       monitor=_monitor(self.progress, self.rank))
         values = run_sweep(sweep, self.comm)
         return [(i, [arg], value) for i, (arg, value) in enumerate(zip(jobs, values, strict=True))]

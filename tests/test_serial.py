@@ -160,3 +160,11 @@ def test_a_cached_result_that_no_longer_unpickles_is_recomputed(caplog):
     with caplog.at_level(logging.WARNING):
         assert mpimap(lambda x: calls.append(x) or "new", [0, 1], "gone.pkl") == ["new", "kept"]
     assert calls == [0] and "job 0 cannot be loaded" in caplog.text
+
+
+def test_a_result_too_large_for_a_record_fails_alone(monkeypatch):
+    from mpitasker_ext import cache
+    monkeypatch.setattr(cache, "MAX_RECORD", 10_000)
+    with pytest.raises(JobsFailed, match="more than a journal record holds") as info:
+        mpimap(lambda x: b"x" * (50_000 if x == 2 else 10), range(4), "big.pkl", progress=False)
+    assert info.value.indices == [2]
