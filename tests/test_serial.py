@@ -63,8 +63,10 @@ def test_retries_run_a_flaky_job_again():
 
 
 def test_unpicklable_result_is_a_per_job_failure():
+    import threading
+
     def job(x):
-        return (lambda: x) if x == 1 else x
+        return threading.Lock() if x == 1 else x
     with pytest.raises(JobsFailed, match="cannot be pickled") as info:
         mpimap(job, range(3), "u.pkl")
     assert info.value.indices == [1]
