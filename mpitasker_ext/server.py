@@ -1,0 +1,160 @@
+"""Jupyter server extension: one page showing every run under the server's root, live, read-only.
+
+Routes (under the server's base URL), all behind Jupyter's authentication:
+  /mpitasker/                 HTML dashboard, refreshing itself from the JSON API
+  /mpitasker/run/<path>       HTML page of one run, with its failures' tracebacks
+  /mpitasker/api/runs         JSON: every run (the same model as the widget)
+  /mpitasker/api/run/<path>   JSON: one run
+``<path>`` is the run's output path relative to the root; anything that resolves outside the root (``..``,
+absolute paths, symlinks) is refused. Nothing here writes, deletes or starts anything.
+"""
+
+import asyncio
+import html
+import json
+import os
+import re
+import time
+
+from tornado import web
+
+from . import progress as progressmod
+
+SCAN_DEPTH = 4
+SCAN_TTL = 1.0  # seconds a directory walk is reused: many browser tabs cost one walk
+
+
+class RunIndex:
+    """Runs under a root: found by walking the tree (``*.mpi`` dirs, finished outputs with a ``.code.json``),
+    plus every run seen earlier in this server's life, so a run that finished and lost its ``.mpi`` directory
+    still shows as finished."""
+
+    def __init__(self, root):
+        self.root = os.path.realpath(root)
+        self._seen = set()
+        self._walked_at = 0.0
+        self._walked = []
+
+    def paths(self):
+        now = time.monotonic()
+        if now - self._walked_at > SCAN_TTL:
+            self._walked = progressmod.find_runs(self.root, max_depth=SCAN_DEPTH)
+            self._walked_at = now
+            self._seen.update(self._walked)
+        return sorted(set(self._walked) | {p for p in self._seen if os.path.exists(p)
+                                           or os.path.isdir(p + ".mpi")})
+
+    def resolve(self, relative):
+        """The absolute output path of a run named relative to the root, or None if it lies outside."""
+        if not relative or relative.startswith(("/", "\\")) or "\x00" in relative:
+            return None
+        parts = relative.replace("\\", "/").split("/")
+        if any(part in ("", ".", "..") for part in parts):
+            return None
+        candidate = os.path.join(self.root, *parts)
+        parent = os.path.realpath(os.path.dirname(candidate))
+        inside = parent == self.root or parent.startswith(self.root + os.sep)
+        target = candidate + ".mpi" if os.path.isdir(candidate + ".mpi") else candidate
+        real = os.path.realpath(target)
+        if not inside or not (real == self.root or real.startswith(self.root + os.sep)):
+            return None
+        return candidate
+
+    def relative(self, path):
+        return os.path.relpath(path, self.root)
+
+    def snapshot(self, path):
+        data = progressmod.read_progress(path).to_dict()
+        data["path"] = self.relative(path)
+        data["output"] = data["path"]
+        return data
+
+
+def _index(handler):
+    return handler.settings["mpitasker_index"]
+
+
+def _handlers(base):
+    from jupyter_server.base.handlers import APIHandler, JupyterHandler
+
+    class RunsAPI(APIHandler):
+        auth_resource = "contents"
+
+        @web.authenticated
+        async def get(self):
+            index = _index(self)
+            runs = await asyncio.get_running_loop().run_in_executor(
+                None, lambda: [index.snapshot(p) for p in index.paths()])
+            self.finish(json.dumps({"root": index.root, "runs": runs, "time": time.time()}))
+
+    class RunAPI(APIHandler):
+        auth_resource = "contents"
+
+        @web.authenticated
+        async def get(self, relative):
+            index = _index(self)
+            path = index.resolve(relative)
+            if path is None:
+                raise web.HTTPError(404, "no such run under the server root")
+            data = await asyncio.get_running_loop().run_in_executor(None, index.snapshot, path)
+            if data["state"] == progressmod.MISSING:
+                raise web.HTTPError(404, "no such run under the server root")
+            self.finish(json.dumps(data))
+
+    class DashboardPage(JupyterHandler):
+        auth_resource = "contents"
+
+        @web.authenticated
+        def get(self):
+            self.set_header("Content-Type", "text/html; charset=utf-8")
+            self.finish(_page("mpitasker runs", "dashboard.js", base))
+
+    class RunPage(JupyterHandler):
+        auth_resource = "contents"
+
+        @web.authenticated
+        def get(self, relative):
+            index = _index(self)
+            path = index.resolve(relative)
+            if path is None or progressmod.read_progress(path).state == progressmod.MISSING:
+                raise web.HTTPError(404, "no such run under the server root")
+            self.set_header("Content-Type", "text/html; charset=utf-8")
+            relative = index.relative(path)
+            self.finish(_page(f"mpitasker: {relative}", "run.js", base, run=relative))
+
+    return [
+        (base + "mpitasker/?", DashboardPage),
+        (base + "mpitasker/run/(.+)", RunPage),
+        (base + "mpitasker/api/runs", RunsAPI),
+        (base + "mpitasker/api/run/(.+)", RunAPI),
+    ]
+
+
+def load(serverapp):
+    """Called by Jupyter server: register the handlers; the index lives in the web app's settings."""
+    web_app = serverapp.web_app
+    base = web_app.settings.get("base_url", "/")
+    if not base.endswith("/"):
+        base += "/"
+    web_app.settings["mpitasker_index"] = RunIndex(serverapp.root_dir)
+    web_app.add_handlers(".*$", _handlers(base))
+    serverapp.log.info("mpitasker_ext: run dashboard at %smpitasker/ (root %s)", base, serverapp.root_dir)
+
+
+def _page(title, script_name, base, run=None):
+    """The page template with its script; every value put in is escaped for where it goes (one pass, so a
+    value can never inject another placeholder)."""
+    values = {"__TITLE__": html.escape(title), "__BASE__": _js(base), "__RUN__": _js(run),
+              "__SCRIPT__": _static(script_name)}
+    page = _static("page.html").replace("__SCRIPT__", values.pop("__SCRIPT__"))
+    return re.sub("|".join(values), lambda m: values[m.group(0)], page)
+
+
+def _js(value):
+    """A JSON literal safe inside <script>: no '</script>' or '<!--' can close or open anything."""
+    return json.dumps(value).replace("<", "\\u003c").replace(">", "\\u003e").replace("&", "\\u0026")
+
+
+def _static(name):
+    with open(os.path.join(os.path.dirname(__file__), "static", name), encoding="utf-8") as f:
+        return f.read()
