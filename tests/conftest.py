@@ -11,6 +11,9 @@ import pytest
 BIN = os.path.dirname(sys.executable)
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CLUSTER_PROFILE = "mpitest"
+CHROMIUM = "/usr/bin/chromium"      # Debian's; the test command installs it when missing
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                 "--disable-component-update"]
 CLUSTER_ENGINES = 4
 
 
@@ -19,6 +22,13 @@ def pytest_configure(config):
     import tempfile
     os.environ["IPYTHONDIR"] = tempfile.mkdtemp(prefix="mpitasker-ipython-")
     os.environ["PATH"] = BIN + os.pathsep + os.environ.get("PATH", "")
+
+
+def free_port():
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def find_mpiexec():

@@ -1,7 +1,6 @@
 """A real browser (Debian's chromium, driven by Playwright) watches the %%mpimap widget move in JupyterLab."""
 
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -10,19 +9,10 @@ import urllib.request
 import nbformat
 import pytest
 
-from conftest import CLUSTER_PROFILE, REPO
+from conftest import CHROMIUM, CHROMIUM_ARGS, CLUSTER_PROFILE, REPO, free_port
 
-CHROMIUM = "/usr/bin/chromium"
-CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                 "--disable-component-update"]
 ARTIFACTS = os.path.join(REPO, "test-artifacts")
 JOBS = 240
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture

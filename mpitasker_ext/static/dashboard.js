@@ -18,6 +18,6 @@ async function refresh() {
   } catch (err) {
     document.getElementById("content").textContent = "cannot load the runs: " + err.message;
   }
-  setTimeout(refresh, 2000);
+  setTimeout(refresh, 1000);
 }
 refresh();

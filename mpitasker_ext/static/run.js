@@ -20,6 +20,6 @@ async function refresh() {
   } catch (err) {
     document.getElementById("content").textContent = "cannot load the run: " + err.message;
   }
-  setTimeout(refresh, 2000);
+  setTimeout(refresh, 1000);
 }
 refresh();

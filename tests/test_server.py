@@ -1,0 +1,215 @@
+"""The server extension against a real `jupyter server`: authentication, confinement to the root, the JSON
+during and after a real MPI run, and a real browser watching the dashboard move."""
+
+import json
+import os
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+
+import pytest
+
+from conftest import BIN, CHROMIUM, CHROMIUM_ARGS, REPO, free_port
+
+ARTIFACTS = os.path.join(REPO, "test-artifacts")
+
+SLOW_JOB = """
+    import sys, time
+    from mpitasker_ext import mpimap
+    def work(x):
+        time.sleep(float(sys.argv[2]))
+        if x == 7:
+            raise ValueError('<script>alert(1)</script> seven')
+        return x
+    mpimap(work, range(int(sys.argv[1])), 'sweeps/a.pkl', progress=False)
+"""
+
+
+class Server:
+    def __init__(self, root):
+        self.root = root
+        self.port = free_port()
+        self.token = "s" + os.urandom(8).hex()
+        self.base = f"http://127.0.0.1:{self.port}"
+        self.log = open(root.parent / f"server-{self.port}.log", "w")
+        self.proc = subprocess.Popen([sys.executable, "-m", "jupyter_server", "--no-browser", "--ip=127.0.0.1",
+                                      f"--port={self.port}", "--allow-root", f"--IdentityProvider.token={self.token}",
+                                      f"--ServerApp.root_dir={root}"], stdout=self.log, stderr=subprocess.STDOUT)
+        deadline = time.time() + 60
+        while time.time() < deadline:
+            try:
+                urllib.request.urlopen(f"{self.base}/api/status?token={self.token}", timeout=2)
+                return
+            except OSError:
+                time.sleep(0.3)
+        raise AssertionError("jupyter server did not start")
+
+    def get(self, path, token=True, raw=False):
+        """(status, body) of a GET; the path is sent exactly as given."""
+        request = urllib.request.Request(self.base + path)
+        if token:
+            request.add_header("Authorization", f"token {self.token}")
+        opener = urllib.request.build_opener(_NoRedirect)
+        try:
+            with opener.open(request, timeout=10) as response:
+                body = response.read().decode()
+                return response.status, body if raw else _maybe_json(body)
+        except urllib.error.HTTPError as exc:
+            return exc.code, exc.read().decode()
+
+    def stop(self):
+        self.proc.terminate()
+        self.proc.wait(15)
+        self.log.close()
+
+
+class _NoRedirect(urllib.request.HTTPRedirectHandler):
+    def redirect_request(self, *args, **kwargs):
+        return None
+
+
+def _maybe_json(body):
+    try:
+        return json.loads(body)
+    except ValueError:
+        return body
+
+
+@pytest.fixture
+def server(tmp_path):
+    root = tmp_path / "root"
+    (root / "sweeps").mkdir(parents=True)
+    srv = Server(root)
+    yield srv
+    srv.stop()
+
+
+def start_run(runner, server, jobs, delay):
+    runner.workdir = str(server.root)
+    runner.write("job.py", SLOW_JOB)
+    return subprocess.Popen(runner.command("job.py", 3, jobs, delay), cwd=str(server.root),
+                            env=dict(os.environ, PYTHONPATH=REPO), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+
+
+def test_extension_is_enabled_by_the_install():
+    out = subprocess.run([os.path.join(BIN, "jupyter"), "server", "extension", "list"], capture_output=True,
+                         text=True, timeout=60)
+    text = out.stdout + out.stderr
+    assert "mpitasker_ext" in text and "enabled" in text.split("mpitasker_ext", 1)[1][:80]
+
+
+def test_every_route_needs_authentication(server):
+    for path in ("/mpitasker/", "/mpitasker/api/runs", "/mpitasker/run/sweeps/a.pkl", "/mpitasker/api/run/x.pkl"):
+        status, _ = server.get(path, token=False)
+        assert status in (302, 403), (path, status)
+    status, body = server.get("/mpitasker/api/runs")
+    assert status == 200 and body["runs"] == []
+
+
+@pytest.mark.parametrize("path", [
+    "/mpitasker/api/run/..%2F..%2Fetc%2Fpasswd",
+    "/mpitasker/api/run/../../etc/passwd",
+    "/mpitasker/run/..%2F..%2F..%2Fetc%2Fpasswd",
+    "/mpitasker/api/run/%2Fetc%2Fpasswd",
+    "/mpitasker/api/run//etc/passwd",
+    "/mpitasker/api/run/sweeps/..%2F..%2Fsecret",
+    "/mpitasker/api/run/outside/x.pkl",
+    "/mpitasker/..%2F..%2F..%2Fetc%2Fpasswd",
+])
+def test_paths_outside_the_root_are_refused(server, tmp_path, path):
+    secret = tmp_path / "secret"
+    (secret.parent / "secret.mpi").mkdir()
+    (secret.parent / "secret.mpi" / "status.json").write_text(json.dumps({"state": "running", "total": 1}))
+    os.symlink(tmp_path, server.root / "outside")             # a symlink pointing out of the root
+    (tmp_path / "x.pkl.mpi").mkdir()
+    (tmp_path / "x.pkl.mpi" / "status.json").write_text(json.dumps({"state": "running", "total": 9}))
+    status, body = server.get(path)
+    assert status in (400, 403, 404), (status, body)
+    assert "root:x:0" not in str(body) and '"total": 9' not in str(body)
+
+
+def test_json_during_and_after_a_real_run(server, runner):
+    proc = start_run(runner, server, 60, 0.05)
+    seen = []
+    deadline = time.time() + 60
+    while time.time() < deadline:
+        status, body = server.get("/mpitasker/api/runs")
+        assert status == 200
+        runs = [r for r in body["runs"] if r["path"] == "sweeps/a.pkl"]
+        if runs:
+            seen.append((runs[0]["state"], runs[0]["done"]))
+        if proc.poll() is not None:
+            break
+        time.sleep(0.2)
+    proc.wait(30)
+    running = [d for s, d in seen if s == "running"]
+    assert len(set(running)) >= 3 and running == sorted(running)
+    status, run = server.get("/mpitasker/api/run/sweeps/a.pkl")
+    assert status == 200 and run["state"] == "failed" and run["done"] == 59 and run["failed"] == 1
+    assert run["failures"][0]["index"] == 7 and "seven" in run["failures"][0]["traceback"]
+    assert [r["rank"] for r in run["ranks"]] == [1, 2] and run["total"] == 60
+    page_status, page = server.get("/mpitasker/run/sweeps/a.pkl", raw=True)
+    assert page_status == 200 and "<script>alert(1)" not in page
+    # fix the job and finish: the directory goes away, the run shows as finished
+    (server.root / "job.py").write_text((server.root / "job.py").read_text().replace("x == 7", "x == -1"))
+    subprocess.run(runner.command("job.py", 3, 60, 0.0), cwd=str(server.root), env=dict(os.environ, PYTHONPATH=REPO),
+                   capture_output=True, timeout=120, check=True)
+    assert not (server.root / "sweeps" / "a.pkl.mpi").exists()
+    status, body = server.get("/mpitasker/api/runs")
+    finished = [r for r in body["runs"] if r["path"] == "sweeps/a.pkl"]
+    assert finished and finished[0]["state"] == "finished" and finished[0]["done"] == 60
+
+
+def test_the_server_never_writes(server, runner):
+    proc = start_run(runner, server, 20, 0.01)
+    proc.wait(60)
+    before = {p: os.stat(p).st_mtime_ns for p in map(str, server.root.rglob("*"))}
+    for path in ("/mpitasker/", "/mpitasker/api/runs", "/mpitasker/api/run/sweeps/a.pkl",
+                 "/mpitasker/run/sweeps/a.pkl"):
+        server.get(path)
+    after = {p: os.stat(p).st_mtime_ns for p in map(str, server.root.rglob("*"))}
+    assert before == after
+    for method in ("POST", "PUT", "DELETE", "PATCH"):
+        request = urllib.request.Request(server.base + "/mpitasker/api/run/sweeps/a.pkl", method=method, data=b"{}",
+                                         headers={"Authorization": f"token {server.token}"})
+        with pytest.raises(urllib.error.HTTPError) as info:
+            urllib.request.urlopen(request, timeout=10)
+        assert info.value.code == 405
+
+
+def test_browser_sees_the_dashboard_move(server, runner):
+    from playwright.sync_api import sync_playwright
+    proc = start_run(runner, server, 300, 0.05)
+    values = []
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        page = browser.new_page(viewport={"width": 1100, "height": 420})
+        page.goto(f"{server.base}/mpitasker/?token={server.token}")
+        deadline = time.time() + 90
+        while time.time() < deadline:
+            cell = page.locator("tr.run[data-path='sweeps/a.pkl'] td.counts")
+            if cell.count():
+                done = int(cell.first.get_attribute("data-done"))
+                if not values or values[-1] != done:
+                    values.append(done)
+                if len(values) == 4:
+                    os.makedirs(ARTIFACTS, exist_ok=True)
+                    page.screenshot(path=os.path.join(ARTIFACTS, "dashboard.png"))
+                state = page.locator("tr.run[data-path='sweeps/a.pkl'] td.state").first.inner_text()
+                if state == "failed":
+                    break
+            time.sleep(0.3)
+        page.goto(f"{server.base}/mpitasker/run/sweeps/a.pkl?token={server.token}")
+        page.wait_for_selector("details.failure")
+        page.locator("details.failure summary").first.click()
+        page.wait_for_selector("details.failure[open] pre")
+        text = page.locator("details.failure pre").first.inner_text()
+        page.screenshot(path=os.path.join(ARTIFACTS, "dashboard-run.png"))
+        browser.close()
+    proc.wait(60)
+    assert len(values) >= 3 and values == sorted(values), values
+    assert values[-1] == 299
+    assert "<script>alert(1)</script> seven" in text       # shown as text, not executed
