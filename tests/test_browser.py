@@ -70,10 +70,13 @@ def test_widget_counts_move_and_end_at_the_total(jupyterlab, mpi_cluster):
                 if value[0] == JOBS and page.locator(".mpitasker-state", has_text="finished").count():
                     break
             time.sleep(0.2)
-        page.wait_for_selector("text=mpimap: 240 results", timeout=30000)
-        page.screenshot(path=os.path.join(ARTIFACTS, "widget-finished.png"))
-        browser.close()
-    assert seen, "the widget never appeared"
+        try:
+            page.wait_for_selector("text=mpimap: 240 results", timeout=30000)
+        finally:
+            page.screenshot(path=os.path.join(ARTIFACTS, "widget-finished.png"))
+            outputs = page.locator(".jp-OutputArea").all_inner_texts()
+            browser.close()
+    assert seen, f"the widget never appeared; cell outputs: {outputs}"
     assert all(total == JOBS for _, total in seen)
     counts = [d for d, _ in seen]
     assert counts == sorted(counts) and len(set(counts)) >= 3, f"the counts did not move: {seen}"
