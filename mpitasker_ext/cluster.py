@@ -9,6 +9,7 @@ import logging
 import os
 import re
 import shutil
+import socket
 import sys
 from dataclasses import dataclass, field
 
@@ -81,16 +82,28 @@ def connect(profile=None, cluster_id=None):
     return client
 
 
-def start(n=4, profile=None, cluster_id=None):
-    """Start a controller and n engines under this environment's mpiexec; return (cluster, client)."""
+ENGINE_LAUNCHERS = ("mpi", "slurm")
+
+
+def start(n=4, profile=None, cluster_id=None, engines="mpi"):
+    """Start a controller and n engines (under this environment's mpiexec, or as a Slurm job whose srun makes
+    them one MPI world); return (cluster, client)."""
     if not isinstance(n, int) or n < 2:
         raise UsageError(f"-n {n}: an MPI cluster needs at least 2 engines (rank 0 schedules, the others compute)")
+    if engines not in ENGINE_LAUNCHERS:
+        raise UsageError(f"--engines {engines!r}: use one of {', '.join(ENGINE_LAUNCHERS)}")
     ipp = _import_ipyparallel()
-    kwargs = {"engines": "mpi", "n": n, "log_level": logging.WARNING}
+    kwargs = {"engines": engines, "n": n, "log_level": logging.WARNING}
     if profile:
         kwargs["profile"] = profile
     if cluster_id:
         kwargs["cluster_id"] = cluster_id
+    if engines == "slurm":
+        if shutil.which("sbatch") is None:
+            raise ClusterError("--engines slurm needs Slurm's sbatch on PATH (run this on a login node of the "
+                               "cluster)")
+        kwargs["controller_ip"] = "*"                      # engines on compute nodes must reach the controller
+        kwargs["controller_location"] = socket.gethostname()
     cluster = ipp.Cluster(**kwargs)
     cluster.config.MPILauncher.mpi_cmd = [mpiexec_path()]
     cluster.start_cluster_sync()
@@ -111,7 +124,8 @@ def _engine_world():
     from mpi4py import MPI
 
     world = MPI.COMM_WORLD
-    return {"rank": world.Get_rank(), "size": world.Get_size(), "host": socket.gethostname(), "pid": os.getpid()}
+    return {"rank": world.Get_rank(), "size": world.Get_size(), "host": socket.gethostname(), "pid": os.getpid(),
+            "slurm_job": os.environ.get("SLURM_JOB_ID"), "slurm_mpi": os.environ.get("SLURM_MPI_TYPE")}
 
 
 def check_one_world(client):
@@ -126,11 +140,22 @@ def check_one_world(client):
         raise ClusterError(
             f"the {len(infos)} engines are not one MPI world ({detail}). Start them together under MPI: "
             "ipcluster start --engines=MPI -n N (or %mpicluster start -n N); engines started one by one, or "
-            "by a launcher without MPI, each see a world of their own.")
+            "by a launcher without MPI, each see a world of their own." + _slurm_hint(infos))
     if len(infos) < 2:
         raise ClusterError("the cluster has a single engine: MPI needs rank 0 to schedule and at least one "
                            "worker; " + HOW_TO_START)
     return ranks
+
+
+def _slurm_hint(infos):
+    jobs = {i.get("slurm_job") for i in infos} - {None}
+    if not jobs:
+        return ""
+    plugin = {i.get("slurm_mpi") for i in infos} - {None}
+    return (f" These engines run in Slurm job {', '.join(sorted(jobs))}"
+            + (f" with the MPI plugin {', '.join(sorted(plugin))!r}" if plugin else "")
+            + ", whose srun did not connect them: start them with SLURM_MPI_TYPE=pmi2 in the environment (or "
+            "srun --mpi=pmi2), or have the administrators set MpiDefault=pmi2 in slurm.conf.")
 
 
 @dataclass

@@ -262,6 +262,9 @@ class MPIMapMagics(Magics):
                                    "and their MPI ranks")
     @magic_arguments.argument("-n", type=int, default=4, help="engines to start (default 4: 1 scheduler, "
                                                               "3 workers)")
+    @magic_arguments.argument("--engines", default="mpi", choices=clustermod.ENGINE_LAUNCHERS,
+                              help="how to start the engines: mpi (mpiexec here, default) or slurm (a Slurm "
+                                   "job whose srun makes them one MPI world)")
     @_cluster_options
     @line_magic
     def mpicluster(self, line):
@@ -285,12 +288,18 @@ class MPIMapMagics(Magics):
         if self._cluster is not None or existing is not None:
             raise IPythonUsageError("a cluster is already running here; use it, or %mpicluster stop first")
         try:
-            cluster, client = clustermod.start(opts.n, opts.profile, opts.cluster_id)
+            cluster, client = clustermod.start(opts.n, opts.profile, opts.cluster_id, opts.engines)
         except MPITaskerError as exc:
             raise IPythonUsageError(str(exc)) from None
+        try:
+            ranks = clustermod.check_one_world(client)
+        except clustermod.ClusterError as exc:
+            client.close()
+            cluster.stop_cluster_sync()
+            raise IPythonUsageError(f"{exc} The engines were stopped.") from None
         self._cluster = cluster
-        self._client, self._client_key, self._checked_ids = client, (opts.profile, opts.cluster_id), None
-        ranks = self._check_world(client)
+        self._client, self._client_key = client, (opts.profile, opts.cluster_id)
+        self._ranks, self._checked_ids = ranks, tuple(client.ids)
         print(f"started cluster {cluster.cluster_id!r}: {len(ranks)} MPI engines (rank 0 schedules, "
               f"{len(ranks) - 1} compute); stop it with %mpicluster stop")
 
@@ -306,7 +315,11 @@ class MPIMapMagics(Magics):
             self._cluster = None
         else:
             ipp = clustermod._import_ipyparallel()
-            ipp.Cluster.from_file(profile=opts.profile, cluster_id=opts.cluster_id or "").stop_cluster_sync()
+            try:
+                ipp.Cluster.from_file(profile=opts.profile, cluster_id=opts.cluster_id or "").stop_cluster_sync()
+            except FileNotFoundError:
+                print(f"no cluster is running for profile {opts.profile or 'default'!r}")
+                return
         print("cluster stopped")
 
 
