@@ -172,7 +172,7 @@ def _stable_bytes(value):
         return type(value).__qualname__.encode()
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class JobRecord:
     """One journal record: a finished job (ok or failed) or a started batch; the payload stays pickled."""
 
@@ -312,20 +312,21 @@ class JournalWriter:
                 self._fd = None
 
 
-def _in_flight(records):
-    """The first job of the last started batch that has no record after it: what was running at the end."""
-    batch, finished = None, set()
+def _noting_in_flight(records, info):
+    """Pass the records through; once they are all read, ``info.in_flight`` is the first job of the last
+    started batch without a record after it: what was running when the writer stopped (memory: one batch)."""
+    batch, unfinished = None, set()
     for rec in records:
         if rec.kind == STARTED:
             try:
-                batch, finished = rec.value(), set()
+                batch = rec.value()
             except Exception:  # noqa: BLE001 - a damaged batch note only loses this hint
                 batch = None
+            unfinished = set(batch or ())
         else:
-            finished.add(rec.index)
-    if batch:
-        return next((i for i in batch if i not in finished), None)
-    return None
+            unfinished.discard(rec.index)
+        yield rec
+    info.in_flight = next((i for i in batch if i in unfinished), None) if batch else None
 
 
 def atomic_write_bytes(path, data, durable=True):
@@ -491,14 +492,17 @@ class RunCache:
                 log.warning("journal %s is unreadable (%s); its jobs will be recomputed", path, exc.strerror)
                 continue
             header = journal_header(data) or {}
-            records = list(decode_journal(data, path))
-            info = JournalInfo(path, header.get("rank"), header.get("pid"), header.get("host", ""),
-                               _in_flight(records))
-            yield info, records
+            info = JournalInfo(path, header.get("rank"), header.get("pid"), header.get("host", ""))
+            yield info, _noting_in_flight(decode_journal(data, path), info)
 
     def interrupted_jobs(self):
         """Jobs that were running when their process stopped, oldest journal first: (index, JournalInfo)."""
-        found = [(info.in_flight, info) for info, _ in self.read_journals() if info.in_flight is not None]
+        found = []
+        for info, records in self.read_journals():
+            for _ in records:
+                pass
+            if info.in_flight is not None:
+                found.append((info.in_flight, info))
         return sorted(found, key=lambda item: os.path.getmtime(item[1].path) if os.path.exists(item[1].path)
                       else 0)
 

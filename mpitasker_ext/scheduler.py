@@ -330,14 +330,14 @@ def prepare(sweep):
                 journal.close()
         done, changed, interrupted = set(), 0, []
         for info, records in cache.read_journals():
-            if info.in_flight is not None:
-                interrupted.append(info)
             for rec in records:
                 if rec.ok and rec.index < n and rec.index not in done:
                     if rec.digest != _digest(digests, sweep.args, rec.index):
                         changed += 1
                     elif _loadable(rec):
                         done.add(rec.index)
+            if info.in_flight is not None:             # known once its records are read
+                interrupted.append(info)
         _report_interrupted([info for info in interrupted if info.in_flight not in done], sweep.args)
         if changed:
             log.warning("%d cached records were made for other arguments than now; recomputing those jobs", changed)
