@@ -142,6 +142,10 @@ class MPIMapMagics(Magics):
             raise UsageError(f"unexpected words before 'for': {' '.join(opts.loop)!r}; give one OUTPUT path")
         if opts.force and opts.reuse:
             raise UsageError("--force (recompute) and --reuse (keep the cache) contradict each other; pick one")
+        if opts.retries < 0:
+            raise UsageError(f"--retries {opts.retries}: give a number of extra attempts, 0 or more")
+        if opts.chunksize is not None and opts.chunksize < 1:
+            raise UsageError(f"--chunksize {opts.chunksize}: give 1 or more jobs per message (or leave it out)")
         if opts.out is not None and not opts.out.isidentifier():
             raise UsageError(f"-o {opts.out!r} is not a valid variable name")
         loop = closure.parse_loop(loop_text)

@@ -31,6 +31,34 @@ def free_port():
         return s.getsockname()[1]
 
 
+def tmpfs(path, options):
+    """Mount a tmpfs (the tests run as root, as CI does); returns a function that unmounts it."""
+    path.mkdir()
+    proc = subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(path)], capture_output=True,
+                          text=True)
+    if proc.returncode != 0:
+        pytest.fail(f"cannot mount a tmpfs with {options} (the tests need root): {proc.stderr}")
+    return lambda: subprocess.run(["umount", "-l", str(path)], capture_output=True)
+
+
+def wait_for_jupyter(base, token, proc, log_path, timeout=60):
+    """Poll a Jupyter server's /api/status until it answers; fail with its log if it never does."""
+    import time
+    import urllib.request
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        try:
+            urllib.request.urlopen(f"{base}/api/status?token={token}", timeout=2)
+            return
+        except OSError:
+            if proc.poll() is not None:
+                break
+            time.sleep(0.3)
+    proc.kill()
+    with open(log_path) as f:
+        pytest.fail(f"the Jupyter server at {base} did not start: {f.read()[-2000:]}")
+
+
 def find_mpiexec():
     candidate = os.path.join(BIN, "mpiexec")
     return candidate if os.access(candidate, os.X_OK) else shutil.which("mpiexec")

@@ -1,12 +1,12 @@
 """Bad Tasker.map / mpimap arguments: each a clear error that names the problem, nothing run, no file written.
-(The malformed %%mpimap lines are the BAD_LINES table in test_magics.py: 18 more cases.)"""
+(The malformed %%mpimap lines are the BAD_LINES table in test_magics.py: 20 more cases.)"""
 
 import os
-import subprocess
 import threading
 
 import pytest
 
+from conftest import tmpfs
 from mpitasker_ext import Tasker, UsageError, mpimap, tasker
 
 
@@ -16,14 +16,9 @@ def calls_fn(x):
 
 @pytest.fixture
 def readonly_dir(tmp_path):
-    mount = tmp_path / "ro"
-    mount.mkdir()
-    proc = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k,ro", "tmpfs", str(mount)], capture_output=True,
-                          text=True)
-    if proc.returncode != 0:
-        pytest.fail(f"cannot mount a read-only tmpfs (the tests run as root): {proc.stderr}")
-    yield mount
-    subprocess.run(["umount", "-l", str(mount)], capture_output=True)
+    unmount = tmpfs(tmp_path / "ro", "size=64k,ro")
+    yield tmp_path / "ro"
+    unmount()
 
 
 CASES = [

@@ -4,12 +4,11 @@ import os
 import subprocess
 import sys
 import time
-import urllib.request
 
 import nbformat
 import pytest
 
-from conftest import CHROMIUM, CHROMIUM_ARGS, CLUSTER_PROFILE, REPO, free_port
+from conftest import CHROMIUM, CHROMIUM_ARGS, CLUSTER_PROFILE, REPO, free_port, wait_for_jupyter
 
 ARTIFACTS = os.path.join(REPO, "test-artifacts")
 JOBS = 240
@@ -24,16 +23,7 @@ def jupyterlab(tmp_path):
                              "--allow-root", f"--IdentityProvider.token={token}", f"--ServerApp.root_dir={tmp_path}"],
                             stdout=subprocess.DEVNULL, stderr=open(tmp_path / "lab.log", "w"))
     base = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 60
-    while time.time() < deadline:
-        try:
-            urllib.request.urlopen(f"{base}/api/status?token={token}", timeout=2)
-            break
-        except OSError:
-            time.sleep(0.3)
-    else:
-        proc.kill()
-        pytest.fail("JupyterLab did not start: " + (tmp_path / "lab.log").read_text()[-2000:])
+    wait_for_jupyter(base, token, proc, tmp_path / "lab.log")
     yield base, token, tmp_path
     proc.terminate()
     proc.wait(15)
@@ -56,8 +46,7 @@ def test_widget_counts_move_and_end_at_the_total(jupyterlab, mpi_cluster):
         page.goto(f"{base}/lab/tree/progress.ipynb?token={token}")
         page.wait_for_selector(".jp-Notebook-ExecutionIndicator[data-status='idle']", timeout=90000)
         for index in range(2):
-            page.locator(".jp-Cell .jp-InputArea-editor").nth(index).click()
-            page.keyboard.press("Shift+Enter")
+            run_cell(page, index)
         deadline = time.time() + 120
         while time.time() < deadline:
             done = page.locator(".mpitasker-done")
@@ -83,6 +72,25 @@ def test_widget_counts_move_and_end_at_the_total(jupyterlab, mpi_cluster):
     assert counts[-1] == JOBS
     with open(root / "sweep.pkl", "rb") as f:
         assert [t[2] for t in pickle_load(f)] == [x * x for x in range(JOBS)]
+
+
+def run_cell(page, index, attempts=3):
+    """Click a cell's editor and press Shift+Enter, until its prompt shows it ran ([*] or [n]).
+    A key press right after the page loads can be lost; the prompt is the proof it was not."""
+    prompt = page.locator(".jp-Cell .jp-InputPrompt").nth(index)
+    for _ in range(attempts):
+        page.locator(".jp-Cell .jp-InputArea-editor").nth(index).click()
+        page.keyboard.press("Shift+Enter")
+        deadline = time.time() + 10
+        while time.time() < deadline:
+            text = prompt.inner_text()
+            if "*" in text or any(ch.isdigit() for ch in text):
+                if index == 0:                 # the next cell needs this one finished, not just started
+                    page.wait_for_function(
+                        "el => /\\d/.test(el.textContent)", arg=prompt.element_handle(), timeout=30000)
+                return
+            time.sleep(0.1)
+    raise AssertionError(f"cell {index} did not start after {attempts} tries")
 
 
 def pickle_load(f):

@@ -12,7 +12,7 @@ import time
 
 import pytest
 
-from conftest import REPO
+from conftest import REPO, tmpfs
 from mpitasker_ext import cache as cachemod
 
 TORTURE_JOB = """
@@ -197,14 +197,9 @@ def test_second_run_on_the_same_output_is_refused(runner):
 
 @pytest.fixture
 def small_disk(tmp_path):
-    mount = tmp_path / "disk"
-    mount.mkdir()
-    proc = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=400k", "tmpfs", str(mount)], capture_output=True,
-                          text=True)
-    if proc.returncode != 0:
-        pytest.fail(f"cannot mount a small tmpfs (the tests run as root): {proc.stderr}")
-    yield mount
-    subprocess.run(["umount", "-l", str(mount)], capture_output=True)
+    unmount = tmpfs(tmp_path / "disk", "size=400k")
+    yield tmp_path / "disk"
+    unmount()
 
 
 def test_full_disk_is_a_clear_error_and_keeps_every_record(runner, small_disk):

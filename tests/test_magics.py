@@ -160,6 +160,8 @@ BAD_LINES = [
     ("out.pkl for x in range(3)", "x + no_such_name", "'no_such_name' is not defined in the notebook"),
     ("out.pkl for x in range(3)", "x + lock_var", "variable 'lock_var'"),
     ("out.pkl extra for x in range(3)", "x", "unexpected words"),
+    ("--retries -2 out.pkl for x in range(3)", "x", "0 or more"),
+    ("--chunksize 0 out.pkl for x in range(3)", "x", "1 or more jobs per message"),
 ]
 
 

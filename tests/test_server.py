@@ -11,7 +11,7 @@ import urllib.request
 
 import pytest
 
-from conftest import BIN, CHROMIUM, CHROMIUM_ARGS, REPO, free_port
+from conftest import BIN, CHROMIUM, CHROMIUM_ARGS, REPO, free_port, wait_for_jupyter
 
 ARTIFACTS = os.path.join(REPO, "test-artifacts")
 
@@ -33,18 +33,12 @@ class Server:
         self.port = free_port()
         self.token = "s" + os.urandom(8).hex()
         self.base = f"http://127.0.0.1:{self.port}"
-        self.log = open(root.parent / f"server-{self.port}.log", "w")
+        log_path = root.parent / f"server-{self.port}.log"
+        self.log = open(log_path, "w")
         self.proc = subprocess.Popen([sys.executable, "-m", "jupyter_server", "--no-browser", "--ip=127.0.0.1",
                                       f"--port={self.port}", "--allow-root", f"--IdentityProvider.token={self.token}",
                                       f"--ServerApp.root_dir={root}"], stdout=self.log, stderr=subprocess.STDOUT)
-        deadline = time.time() + 60
-        while time.time() < deadline:
-            try:
-                urllib.request.urlopen(f"{self.base}/api/status?token={self.token}", timeout=2)
-                return
-            except OSError:
-                time.sleep(0.3)
-        raise AssertionError("jupyter server did not start")
+        wait_for_jupyter(self.base, self.token, self.proc, log_path)
 
     def get(self, path, token=True, raw=False):
         """(status, body) of a GET; the path is sent exactly as given."""

@@ -72,21 +72,29 @@ def finished_records(run_dir):
     return {rec.index for rec in cachemod.RunCache(str(run_dir)[:-4]).read_records() if rec.ok}
 
 
+def wait_for_records(slurm, job, run_dir, count, log, timeout=120):
+    deadline = time.time() + timeout
+    while time.time() < deadline and len(finished_records(run_dir)) < count:
+        time.sleep(0.2)
+    if len(finished_records(run_dir)) < count:
+        output = log.read_text() if log.exists() else "(no output yet)"
+        pytest.fail(f"job {job} ({slurm.state(job)}) finished fewer than {count} points in {timeout} s:\n"
+                    f"{output}\n{slurm.logs()}")
+
+
 def test_scancel_mid_run_then_resubmit_resumes(slurm, sweep_dir):
     env = job_env(SWEEP_SECONDS_PER_POINT="0.5")
-    job = slurm.sbatch("sweep-srun.sbatch", cwd=sweep_dir, env=env)
+    job = slurm.sbatch("sweep.sbatch", cwd=sweep_dir, env=env)
     run_dir = sweep_dir / "sweep.pkl.mpi"
-    deadline = time.time() + 120
-    while time.time() < deadline and len(finished_records(run_dir)) < 15:
-        time.sleep(0.2)
+    wait_for_records(slurm, job, run_dir, 15, sweep_dir / f"sweep-{job}.out")
     slurm.run(["scancel", job])
     assert slurm.wait(job) == "CANCELLED"
     time.sleep(1)
     kept = finished_records(run_dir)
     assert 15 <= len(kept) < 60
-    again = slurm.sbatch("sweep-srun.sbatch", cwd=sweep_dir, env=env)
-    assert slurm.wait(again) == "COMPLETED"
-    text = output_of(sweep_dir, "sweep-srun-{}.out", again)
+    again = slurm.sbatch("sweep.sbatch", cwd=sweep_dir, env=env)
+    assert slurm.wait(again) == "COMPLETED", output_of(sweep_dir, "sweep-{}.out", again)
+    text = output_of(sweep_dir, "sweep-{}.out", again)
     cached = int(re.search(r"finished \| 60/60 done \((\d+) cached\)", text).group(1))
     assert cached == len(kept), text                   # exactly the finished points were reused
     assert [r for _, _, r in load(sweep_dir / "sweep.pkl")] == pytest.approx(expected())
