@@ -191,21 +191,3 @@ def test_mpicluster_status_reports_one_world(shell, mpi_cluster, capsys):
     shell.run_line_magic("mpicluster", f"status {ON}")
     out = capsys.readouterr().out
     assert f"{CLUSTER_ENGINES} engines in one MPI world" in out and "rank 0" in out
-
-
-def test_engines_that_are_not_one_world_are_refused(tmp_path):
-    from mpitasker_ext.cluster import ClusterError, check_one_world
-
-    class FakeView:
-        targets = [0, 1]
-
-        def apply_sync(self, fn):
-            return [{"rank": 0, "size": 1, "host": "h", "pid": 1}, {"rank": 0, "size": 1, "host": "h", "pid": 2}]
-
-    class FakeClient:
-        ids = [0, 1]
-
-        def __getitem__(self, key):
-            return FakeView()
-    with pytest.raises(ClusterError, match="not one MPI world.*ipcluster start --engines=MPI"):
-        check_one_world(FakeClient())

@@ -170,3 +170,13 @@ def test_a_result_too_large_for_a_record_fails_alone(monkeypatch):
     with pytest.raises(JobsFailed, match="more than a journal record holds") as info:
         mpimap(lambda x: b"x" * (50_000 if x == 2 else 10), range(4), "big.pkl", progress=False)
     assert info.value.indices == [2]
+
+
+def test_verbose_logs_a_line_per_job_and_quiet_logs_none(caplog):
+    with caplog.at_level(logging.INFO, logger="mpitasker_ext"):
+        mpimap(abs, [-1, -2, -3], "v.pkl", verbose=True, progress=False)
+    assert sum("job" in r.getMessage() and "done in" in r.getMessage() for r in caplog.records) == 3
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="mpitasker_ext"):
+        mpimap(abs, [-4, -5], "q.pkl", progress=False)
+    assert not any("done in" in r.getMessage() for r in caplog.records)
