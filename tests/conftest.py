@@ -17,11 +17,33 @@ CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-backg
 CLUSTER_ENGINES = 4
 
 
+SHM = "/dev/shm"
+_shm_before = set()
+
+
+def _mpich_segments():
+    try:
+        return {n for n in os.listdir(SHM) if n.startswith("mpich_shm_")}
+    except FileNotFoundError:
+        return set()
+
+
 def pytest_configure(config):
     """Isolate IPython profiles (and so clusters) from the user's, and find this environment's mpiexec."""
     import tempfile
     os.environ["IPYTHONDIR"] = tempfile.mkdtemp(prefix="mpitasker-ipython-")
     os.environ["PATH"] = BIN + os.pathsep + os.environ.get("PATH", "")
+    _shm_before.update(_mpich_segments())
+
+
+def pytest_unconfigure(config):
+    """MPI jobs this suite kills on purpose leave MPICH shared-memory segments in /dev/shm (RAM); every
+    process of the suite has ended by now, so remove the ones it created."""
+    for name in _mpich_segments() - _shm_before:
+        try:
+            os.unlink(os.path.join(SHM, name))
+        except OSError:
+            pass
 
 
 def free_port():

@@ -21,6 +21,11 @@ class Slurm:
         self.conf = os.path.join(self.root, "slurm.conf")
         self.env = dict(os.environ, SLURM_CONF=self.conf)
         self.procs = []
+        # Job ids restart with every new Slurm; MPICH names its shared memory after the PMI-2 job name
+        # ("<job>.<step>"), and a segment left by a killed job of an earlier instance with the same id makes
+        # MPI_Init wait on it forever. A fresh random range keeps instances apart, as a real cluster's
+        # ever-growing ids do.
+        self.first_job_id = int.from_bytes(os.urandom(3), "big") * 3 + 1000   # below MaxJobId (67,043,328)
 
     def start(self):
         for tool in ("munged", "slurmctld", "slurmd", "sbatch"):
@@ -85,6 +90,7 @@ SchedulerType=sched/backfill
 InactiveLimit=0
 KillWait=5
 MinJobAge=300
+FirstJobId={self.first_job_id}
 NodeName={self.host} NodeAddr=127.0.0.1 CPUs={CPUS} State=UNKNOWN
 PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP OverSubscribe=FORCE:4
 """)
