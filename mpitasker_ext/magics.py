@@ -87,6 +87,7 @@ class MPIMapMagics(Magics):
         self._client = None
         self._client_key = None
         self._checked_ids = None
+        self._ranks = {}
 
     # -- %%mpimap -----------------------------------------------------------------------------------------------
     @magic_arguments.magic_arguments()

@@ -68,10 +68,6 @@ class Progress:
     def fraction(self):
         return (self.done + self.failed) / self.total if self.total else (1.0 if self.state == FINISHED else 0.0)
 
-    @property
-    def active(self):
-        return self.state == RUNNING
-
     def to_dict(self):
         data = asdict(self)
         data["name"] = self.name

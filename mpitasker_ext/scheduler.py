@@ -254,6 +254,7 @@ class Ledger:
         """Rewrite the status when something changed (<= 4/s), and as a heartbeat every 2 s regardless."""
         now = time.monotonic()
         since = now - self._last_write
+        status = None
         if force or (self._dirty and since >= STATUS_INTERVAL) or since >= HEARTBEAT_INTERVAL:
             self._last_write = now
             self._dirty = False
@@ -269,9 +270,9 @@ class Ledger:
                 self.monitor(status)
         if now - self._last_log >= 30.0:
             self._last_log = now
-            s = self.status(state)
-            log.info("%d/%d jobs done (%d cached), %d failed, %.1f jobs/s", s["done"], self.total, self.cached,
-                     s["failed"], s["rate"])
+            status = status or self.status(state)
+            log.info("%d/%d jobs done (%d cached), %d failed, %.1f jobs/s", status["done"], self.total,
+                     self.cached, status["failed"], status["rate"])
 
 
 @dataclass
