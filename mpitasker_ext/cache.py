@@ -6,25 +6,28 @@ million files in one directory is its own outage. Every reader treats damage as 
 See docs/design.md for the byte layout.
 """
 
-import hashlib
+import contextlib
+import errno
 import json
 import logging
+import math
 import os
 import pickle
 import secrets
 import shutil
 import socket
 import struct
+import threading
 import time
-import types
 import zlib
 from dataclasses import dataclass
 
 from .errors import CacheError, RunLocked, UsageError
+from .identity import args_digest, code_fingerprint  # noqa: F401 - the cache's identities, re-exported
 
 log = logging.getLogger(__name__)
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: failed and started payloads are JSON and packed indices, so readers never unpickle
 RUN_SUFFIX = ".mpi"
 MANIFEST = "manifest.json"
 STATUS = "status.json"
@@ -36,13 +39,19 @@ JOURNAL_MAGIC_LINE = b"MPITASKER-JOURNAL %d\n"
 HASH_PROTOCOL = 5
 RESULT_PROTOCOL = pickle.HIGHEST_PROTOCOL
 FSYNC_INTERVAL = 1.0
-LOCK_STALE_AFTER = 120.0
+LOCK_STALE_AFTER = 120.0  # seconds without a heartbeat before a holder on another host counts as gone
+LOCK_HEARTBEAT = 2.0  # how often a held lock file's mtime is refreshed
+TAKEOVER_SUFFIX = ".takeover"
+TAKEOVER_STALE_AFTER = 30.0  # a takeover guard older than this was abandoned by a dying taker
 
 _FRAME = struct.Struct("<4sII")  # magic, body length, crc32 of body
 _FIELDS = struct.Struct("<QB16sd")  # job index, status, args digest, seconds spent
 _FRAME_MAGIC = b"MTJ\x01"
+_BATCH_INDEX = struct.Struct("<Q")  # a started record's payload: the batch's job indices, packed
 OK, FAILED, STARTED = 0, 1, 2  # a STARTED record lists a batch a worker is about to run
 MAX_RECORD = (1 << 32) - 1 - 64
+FAILURE_FIELDS = ("index", "arg", "error", "traceback")
+UNREADABLE_FAILURE = "(failure record unreadable)"
 
 
 def dumps(obj, protocol=RESULT_PROTOCOL):
@@ -59,31 +68,6 @@ def dumps(obj, protocol=RESULT_PROTOCOL):
 
 def run_dir_for(output):
     return os.fspath(output) + RUN_SUFFIX
-
-
-def args_digest(arg):
-    """A 16-byte identity of one job's argument, so a record is reused only for the same input."""
-    try:
-        data = dumps(_canonical(arg), protocol=HASH_PROTOCOL)
-    except Exception as exc:
-        raise UsageError(
-            f"a job argument of type {type(arg).__name__} cannot be pickled ({exc}); arguments are stored with the "
-            "results, so pass picklable values (numbers, strings, tuples, arrays) and build other objects inside "
-            "the job function") from exc
-    return hashlib.blake2b(data, digest_size=16).digest()
-
-
-def _canonical(value):
-    """Sets pickle in hash order, which differs between processes; sort them so every rank agrees."""
-    kind = type(value)
-    if kind is tuple or kind is list:
-        items = [_canonical(v) for v in value]
-        return items if kind is list else tuple(items)
-    if kind is set or kind is frozenset:
-        return (kind.__name__, sorted((_canonical(v) for v in value), key=repr))
-    if kind is dict:
-        return {k: _canonical(v) for k, v in value.items()}
-    return value
 
 
 class _NullSink:
@@ -106,75 +90,13 @@ def check_picklable(args):
                     "and build other objects inside the job function") from exc
 
 
-def code_fingerprint(fn):
-    """A hash of what the function does: bytecode, constants, names, captured values and the globals it reads
-    (recursively through the functions it calls), not where its lines are or which file defined it."""
-    h = hashlib.blake2b(digest_size=16)
-    _hash_callable(h, fn, depth=0, seen=set())
-    return h.hexdigest()
-
-
-def _hash_callable(h, fn, depth, seen):
-    code = getattr(fn, "__code__", None)
-    if code is None or id(fn) in seen:
-        h.update(repr(getattr(fn, "__qualname__", type(fn).__qualname__)).encode())
-        return
-    seen.add(id(fn))
-    _hash_code(h, code)
-    values = [cell.cell_contents for cell in (getattr(fn, "__closure__", None) or ()) if _cell_filled(cell)]
-    namespace = getattr(fn, "__globals__", {})
-    names = sorted(n for n in _global_names(code) if n in namespace)
-    for name, value in [(None, v) for v in values] + [(n, namespace[n]) for n in names]:
-        if name:
-            h.update(name.encode())
-        if isinstance(value, types.ModuleType):
-            h.update(b"module:" + value.__name__.encode())
-        elif hasattr(value, "__code__") and depth < 4:
-            _hash_callable(h, value, depth + 1, seen)
-        elif isinstance(value, type):
-            h.update(b"class:" + value.__qualname__.encode())
-        else:
-            h.update(_stable_bytes(value))
-
-
-def _cell_filled(cell):
-    try:
-        cell.cell_contents  # noqa: B018 - an empty cell raises
-    except ValueError:
-        return False
-    return True
-
-
-def _global_names(code):
-    names = set(code.co_names)
-    for const in code.co_consts:
-        if hasattr(const, "co_names"):
-            names |= _global_names(const)
-    return names
-
-
-def _hash_code(h, code):
-    h.update(code.co_code)
-    h.update(repr(code.co_names).encode())
-    for const in code.co_consts:
-        if hasattr(const, "co_code"):
-            _hash_code(h, const)
-        elif isinstance(const, frozenset):
-            h.update(repr(sorted(map(repr, const))).encode())
-        else:
-            h.update(repr(const).encode())
-
-
-def _stable_bytes(value):
-    try:
-        return pickle.dumps(value, protocol=HASH_PROTOCOL)
-    except Exception:  # noqa: BLE001 - any unpicklable capture still gets a (weaker) identity
-        return type(value).__qualname__.encode()
-
-
 @dataclass(frozen=True, slots=True)
 class JobRecord:
-    """One journal record: a finished job (ok or failed) or a started batch; the payload stays pickled."""
+    """One journal record: a finished job (ok or failed) or a started batch; the payload stays encoded.
+
+    Only an ok payload is a pickle. Failed and started payloads are plain data, so anything that merely reads
+    a run directory (progress, the dashboard, the CLI) never unpickles bytes someone may have planted there.
+    """
 
     index: int
     kind: int
@@ -187,8 +109,28 @@ class JobRecord:
         return self.kind == OK
 
     def value(self):
-        """The job's result if ok, its failure dict if failed, the batch's indices if started."""
+        """An ok record's result, unpickled: only rank 0's scheduler, about to load its own run, calls this."""
+        if self.kind != OK:
+            raise ValueError(f"job {self.index}: only an ok record holds a pickled result (kind {self.kind})")
         return pickle.loads(self.payload)
+
+    def failure(self):
+        """A failed record's dict (index, arg, error, traceback); damage reads as an unreadable failure, never
+        as an exception, since a view must still show that the job failed."""
+        try:
+            info = json.loads(self.payload.decode("utf-8")) if self.kind == FAILED else None
+        except (UnicodeDecodeError, ValueError, RecursionError):
+            info = None
+        if (isinstance(info, dict) and type(info.get("index")) is int and info["index"] == self.index
+                and all(isinstance(info.get(key), str) for key in FAILURE_FIELDS[1:])):
+            return {key: info[key] for key in FAILURE_FIELDS}
+        return {"index": self.index, "arg": "?", "error": UNREADABLE_FAILURE, "traceback": ""}
+
+    def batch(self):
+        """A started record's job indices; a payload that is not whole u64s reads as no batch."""
+        if self.kind != STARTED or len(self.payload) % _BATCH_INDEX.size:
+            return []
+        return [index for (index,) in _BATCH_INDEX.iter_unpack(self.payload)]
 
 
 @dataclass
@@ -207,6 +149,17 @@ def encode_record(index, kind, digest, seconds, payload):
     if len(body) > MAX_RECORD:
         raise RecordTooLarge(len(payload))
     return _FRAME.pack(_FRAME_MAGIC, len(body), zlib.crc32(body)) + body
+
+
+def encode_failure(info):
+    """A failed record's payload: UTF-8 JSON of index, arg (short repr), error line and traceback."""
+    record = {"index": int(info["index"]), **{key: str(info.get(key, "")) for key in FAILURE_FIELDS[1:]}}
+    return json.dumps(record).encode("utf-8")
+
+
+def encode_batch(indices):
+    """A started record's payload: the batch's job indices as packed little-endian u64."""
+    return struct.pack(f"<{len(indices)}Q", *indices)
 
 
 class RecordTooLarge(ValueError):
@@ -230,7 +183,7 @@ def journal_header(data):
         return None
     try:
         info = json.loads(line[len(prefix):])
-    except ValueError:
+    except (ValueError, RecursionError):  # deep nesting raises RecursionError: damage, like any other
         return {}
     return info if isinstance(info, dict) else {}
 
@@ -289,7 +242,7 @@ class JournalWriter:
 
     def start_batch(self, indices):
         """Note the batch about to run: if the process dies, the next run knows which job was running."""
-        self._write(encode_record(indices[0], STARTED, bytes(16), 0.0, pickle.dumps(list(indices))))
+        self._write(encode_record(indices[0], STARTED, bytes(16), 0.0, encode_batch(indices)))
 
     def _maybe_sync(self):
         now = time.monotonic()
@@ -318,11 +271,8 @@ def _noting_in_flight(records, info):
     batch, unfinished = None, set()
     for rec in records:
         if rec.kind == STARTED:
-            try:
-                batch = rec.value()
-            except Exception:  # noqa: BLE001 - a damaged batch note only loses this hint
-                batch = None
-            unfinished = set(batch or ())
+            batch = rec.batch()
+            unfinished = set(batch)
         else:
             unfinished.discard(rec.index)
         yield rec
@@ -355,7 +305,7 @@ def _read_json(path):
             data = json.loads(f.read())
     except FileNotFoundError:
         return None
-    except (OSError, ValueError) as exc:
+    except (OSError, ValueError, RecursionError) as exc:  # a planted file may nest deeper than the parser goes
         log.warning("%s is unreadable (%s); ignoring it", path, exc)
         return None
     if not isinstance(data, dict):
@@ -364,20 +314,164 @@ def _read_json(path):
     return data
 
 
-def _pid_alive(pid):
-    """True for a running process; a zombie (killed, not yet reaped by a lax init) counts as dead."""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
+def _proc_start(pid):
+    """When the process started (clock ticks since boot, field 22 of /proc/<pid>/stat): with the pid, an
+    identity a later process reusing the pid does not share. None where /proc cannot tell."""
     try:
         with open(f"/proc/{pid}/stat", "rb") as f:
-            state = f.read().rsplit(b")", 1)[1].split()[0]
-    except (OSError, IndexError):
+            return int(f.read().rsplit(b")", 1)[1].split()[19])
+    except (OSError, IndexError, ValueError):
+        return None
+
+
+def _pid_alive(pid, start=None):
+    """True for a running process; a zombie (killed, not yet reaped by a lax init) counts as dead, and so does
+    another process that reuses the pid when ``start`` (see ``_proc_start``) is given."""
+    if not isinstance(pid, int) or isinstance(pid, bool) or pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except (ProcessLookupError, OverflowError):
+        return False
+    except PermissionError:
+        pass
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            fields = f.read().rsplit(b")", 1)[1].split()
+    except FileNotFoundError:
+        return not os.path.isdir("/proc/self")  # gone since kill(), unless there is no /proc at all
+    except OSError:
         return True
-    return state != b"Z"
+    if fields[:1] == [b"Z"]:
+        return False
+    if start is not None and len(fields) > 19 and fields[19].isdigit():
+        return int(fields[19]) == start
+    return True
+
+
+def writer_alive(pid, host, start=None, last_beat=None, stale_after=LOCK_STALE_AFTER, now=None):
+    """The one rule for "is the process writing this run still there", for the lock and for progress readers.
+
+    On this host the pid decides (a zombie, or a later process reusing the pid, is dead): clocks and heartbeats
+    do not matter. Elsewhere the pid means nothing here, so only a heartbeat (``last_beat``: the newest of the
+    lock file's mtime and the status file's ``updated``) younger than ``stale_after`` seconds keeps it alive.
+    """
+    if isinstance(pid, int) and host == socket.gethostname():
+        return _pid_alive(pid, start)
+    if not isinstance(last_beat, (int, float)) or not math.isfinite(last_beat):
+        return False
+    now = time.time() if now is None else now
+    return now - last_beat <= stale_after
+
+
+@dataclass(frozen=True)
+class LockHolder:
+    """What a lock file says about its holder, and when its heartbeat last touched it (``mtime``).
+
+    ``readable`` is False for an empty or damaged file: then only its mtime can tell whether it is held."""
+
+    path: str
+    pid: int | None = None
+    host: str = ""
+    since: float | None = None
+    start: int | None = None
+    token: str = ""
+    mtime: float = 0.0
+    readable: bool = True
+
+    def alive(self, status_updated=None, stale_after=LOCK_STALE_AFTER, now=None):
+        if not self.readable:
+            return writer_alive(None, None, last_beat=self.mtime, stale_after=stale_after, now=now)
+        beat = max((t for t in (self.mtime, status_updated) if isinstance(t, (int, float))), default=None)
+        return writer_alive(self.pid, self.host, self.start, beat, stale_after, now)
+
+    def describe(self, now=None):
+        """For messages: who holds it, and how recently it showed signs of life."""
+        age = (time.time() if now is None else now) - self.mtime
+        if not self.readable:
+            return f"its lock {self.path} is empty or unreadable, last touched {age:.0f} s ago"
+        return f"pid {self.pid} on host {self.host}, lock {self.path}, heartbeat {age:.0f} s ago"
+
+
+def _read_lock(path):
+    """The holder named by a lock file, or None when there is none."""
+    try:
+        with open(path, "rb") as f:
+            mtime = os.fstat(f.fileno()).st_mtime
+            data = f.read()
+    except FileNotFoundError:
+        return None
+    except OSError:
+        data = b""
+        try:
+            mtime = os.stat(path).st_mtime
+        except FileNotFoundError:
+            return None
+        except OSError:
+            mtime = time.time()  # cannot even look at it: assume it is held
+    try:
+        info = json.loads(data)
+    except ValueError:
+        info = None
+    if not isinstance(info, dict):
+        return LockHolder(path, mtime=mtime, readable=False)
+
+    def typed(key, kind, default=None):
+        value = info.get(key)
+        return value if isinstance(value, kind) and not isinstance(value, bool) else default
+
+    return LockHolder(path, typed("pid", int), typed("host", str, ""), typed("since", (int, float)),
+                      typed("start", int), typed("token", str, ""), mtime)
+
+
+def _publish(tmp, data, path):
+    """Make ``tmp`` (holding ``data``) appear as ``path`` unless ``path`` exists; True if it did.
+
+    A hard link is atomic and brings the content with it, on local disks and on NFS (where a lost reply can
+    report EEXIST for a link that was made: the link count of ``tmp`` tells). Where hard links are not
+    supported, O_EXCL then write: a reader treats that brief empty file as held, so it is still safe."""
+    try:
+        os.link(tmp, path)
+        return True
+    except FileExistsError:
+        return os.stat(tmp).st_nlink == 2
+    except OSError as exc:
+        if exc.errno not in (errno.EPERM, errno.EOPNOTSUPP, errno.ENOSYS, errno.EMLINK):
+            raise
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+    except FileExistsError:
+        return False
+    with os.fdopen(fd, "wb") as f:
+        f.write(data)
+    return True
+
+
+def _unlink_quietly(path):
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+
+
+def _claim_guard(guard):
+    """Create the takeover guard, or say another taker holds it. A guard is judged by its mtime only: one older
+    than TAKEOVER_STALE_AFTER was left by a taker that died in the few milliseconds it needs."""
+    for _attempt in range(2):
+        try:
+            os.close(os.open(guard, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644))
+            return True
+        except FileExistsError:
+            try:
+                age = time.time() - os.stat(guard).st_mtime
+            except FileNotFoundError:
+                continue
+            if age <= TAKEOVER_STALE_AFTER:
+                return False
+            log.warning("removing %s, left %.0f s ago by a process that died while taking over the lock",
+                        guard, age)
+            _unlink_quietly(guard)
+    return False
 
 
 class RunCache:
@@ -390,6 +484,8 @@ class RunCache:
         self.output = os.path.abspath(output)
         self.run_dir = run_dir_for(self.output)
         self._lock_held = False
+        self._lock_token = None
+        self._heartbeat = None
 
     def path(self, name):
         return os.path.join(self.run_dir, name)
@@ -429,7 +525,7 @@ class RunCache:
         """The seed's format: a pickled 1-tuple holding the list of (index, [arg], result)."""
         atomic_write_bytes(self.output, dumps((triples,)))
 
-    # -- code identity of a finished output (kept only when the caller asks: the notebook magic) ---------------
+    # -- beside a finished output: its job count, last status and code identity (JSON, never a pickle) -------
     @property
     def meta_path(self):
         return self.output + META_SUFFIX
@@ -522,52 +618,113 @@ class RunCache:
         return _read_json(self.path(STATUS))
 
     # -- lock --------------------------------------------------------------------------------------------------
-    def acquire_lock(self):
-        """Exclusive use of the run directory; a lock left by a dead process is taken over."""
-        me = {"pid": os.getpid(), "host": socket.gethostname(), "since": time.time()}
-        path = self.path(LOCK)
-        for _attempt in range(3):
-            try:
-                fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-            except FileExistsError:
-                holder = _read_json(path) or {}
-                if not self._lock_is_stale(holder):
-                    raise RunLocked(
-                        f"{self.output} is being computed by another process (pid {holder.get('pid')} on host "
-                        f"{holder.get('host')}, lock {path}). Wait for it to finish, or use another output path; "
-                        "if that process is gone, delete the lock file.") from None
-                log.warning("taking over the lock %s left by pid %s on %s, which is no longer running",
-                            path, holder.get("pid"), holder.get("host"))
-                try:
-                    os.unlink(path)
-                except FileNotFoundError:
-                    pass
-                continue
-            except OSError as exc:
-                raise CacheError(f"cannot create the lock {path}: {exc.strerror}") from exc
-            with os.fdopen(fd, "w") as f:
-                json.dump(me, f)
-            self._lock_held = True
-            return
-        raise RunLocked(f"could not take the lock {path}: another process keeps recreating it")
+    def read_lock(self):
+        """The lock's holder (a ``LockHolder``), or None when the run is not locked."""
+        return _read_lock(self.path(LOCK))
 
-    def _lock_is_stale(self, holder):
-        pid, host = holder.get("pid"), holder.get("host")
-        if isinstance(pid, int) and host == socket.gethostname():
-            return not _pid_alive(pid)
-        status = self.read_status() or {}
-        last = status.get("updated") or holder.get("since")
-        if not isinstance(last, (int, float)):
-            try:
-                last = os.path.getmtime(self.path(LOCK))
-            except OSError:
-                return True
-        return time.time() - last > LOCK_STALE_AFTER
+    def acquire_lock(self):
+        """Exclusive use of the run directory: one run per output. A lock whose holder is gone is taken over.
+
+        The lock appears with its content in one step (a hard link of a temp file), so no reader ever sees it
+        half-written; while it is held a heartbeat thread refreshes its mtime, so a long job, prepare or finish
+        never looks abandoned to a run on another host."""
+        path = self.path(LOCK)
+        token = secrets.token_hex(8)
+        me = {"pid": os.getpid(), "host": socket.gethostname(), "since": time.time(),
+              "start": _proc_start(os.getpid()), "token": token}
+        data = json.dumps(me).encode()
+        tmp = self.path(f".{LOCK}.tmp-{os.getpid()}-{token}")
+        try:
+            with open(tmp, "wb") as f:
+                f.write(data)
+            for _attempt in range(5):
+                if _publish(tmp, data, path):
+                    break
+                holder = self.read_lock()
+                if holder is None:
+                    continue                        # released between our two looks
+                if holder.alive(self._status_updated()):
+                    raise RunLocked(self._locked_message(holder))
+                if self._take_over(tmp, data, holder):
+                    break
+            else:
+                raise RunLocked(f"could not take the lock {path}: other processes keep taking it. Wait for them "
+                                "to finish, or use another output path.")
+            self._lock_token, self._lock_held = token, True
+        except OSError as exc:
+            raise CacheError(f"cannot create the lock {path}: {exc.strerror}") from exc
+        finally:
+            _unlink_quietly(tmp)
+        self._start_heartbeat(path)
+
+    @contextlib.contextmanager
+    def locked(self):
+        """``with cache.locked():`` holds the lock (with its heartbeat) for the block."""
+        self.acquire_lock()
+        try:
+            yield self
+        finally:
+            self.release_lock()
+
+    def _status_updated(self):
+        """An older writer beats only through the status file: count that too."""
+        return (self.read_status() or {}).get("updated")
+
+    def _locked_message(self, holder):
+        return (f"{self.output} is being computed by another process ({holder.describe()}). Wait for it to "
+                "finish, or use another output path; if that process is gone, delete the lock file.")
+
+    def _take_over(self, tmp, data, judged):
+        """Replace a lock whose holder is gone. Takers serialise on a guard file and re-check the lock under it,
+        so of two processes that both judged it abandoned, the second sees the first's live lock and stops."""
+        path = self.path(LOCK)
+        guard = path + TAKEOVER_SUFFIX
+        if not _claim_guard(guard):
+            raise RunLocked(f"{self.output}: another process is taking over the lock {path} right now "
+                            f"({judged.describe()}, no longer running). Wait for that run, or use another "
+                            "output path.")
+        try:
+            holder = self.read_lock()
+            if holder is None:
+                return _publish(tmp, data, path)     # released meanwhile: an ordinary take
+            if holder.alive(self._status_updated()):
+                raise RunLocked(self._locked_message(holder))
+            log.warning("taking over the lock %s: its holder is gone (%s)", path, holder.describe())
+            os.replace(tmp, path)
+            return True
+        finally:
+            _unlink_quietly(guard)
+
+    def _start_heartbeat(self, path):
+        stop = threading.Event()
+
+        def beat():
+            while not stop.wait(LOCK_HEARTBEAT):
+                try:
+                    os.utime(path)
+                except FileNotFoundError:
+                    return                          # the run directory was removed at the end of the run
+                except OSError as exc:
+                    log.warning("cannot refresh the lock %s (%s); a run on another host may take it over "
+                                "after %.0f s", path, exc.strerror, LOCK_STALE_AFTER)
+
+        thread = threading.Thread(target=beat, name="mpitasker-lock-heartbeat", daemon=True)
+        thread.start()
+        self._heartbeat = (stop, thread)
 
     def release_lock(self):
-        if self._lock_held:
-            self._lock_held = False
-            try:
-                os.unlink(self.path(LOCK))
-            except FileNotFoundError:
-                pass
+        """Stop the heartbeat and remove the lock, unless it is no longer ours (never delete another run's)."""
+        if not self._lock_held:
+            return
+        self._lock_held = False
+        stop, thread = self._heartbeat
+        self._heartbeat = None
+        stop.set()
+        thread.join(1.0)
+        holder = self.read_lock()
+        if holder is None:
+            return
+        if holder.token != self._lock_token:
+            log.warning("the lock %s is no longer this run's (%s); leaving it", holder.path, holder.describe())
+            return
+        _unlink_quietly(holder.path)

@@ -18,8 +18,8 @@ import symtable
 import types
 from dataclasses import dataclass, field
 
-from .cache import code_fingerprint
 from .errors import UsageError
+from .identity import code_fingerprint
 
 CELL_FILENAME = "<mpimap cell>"
 _ARG = "__mpimap_arg__"
@@ -167,21 +167,7 @@ def build_job(loop, body, user_ns):
             raise ClosureError(f"variable {name!r} ({type(value).__name__}) cannot be sent to the engines: "
                                f"{type(exc).__name__}: {exc}. Create it inside the cell, or pass what it is "
                                "built from instead") from None
-        identities.append(f"{name}={_value_identity(value, captured[name])}")
+        identities.append(f"{name}={code_fingerprint(value)}")
     fingerprint = hashlib.blake2b(
         (body_dump + "\n" + loop.target + "\n" + "\n".join(identities)).encode(), digest_size=16).hexdigest()
     return CellJob(loop.target, body, captured, modules, fingerprint)
-
-
-def _value_identity(value, pickled):
-    """What a captured value contributes to the cell's fingerprint; stable across kernel restarts."""
-    if isinstance(value, types.FunctionType):
-        return "function:" + code_fingerprint(value)
-    if isinstance(value, type):
-        methods = sorted((k, code_fingerprint(v)) for k, v in vars(value).items() if isinstance(v, types.FunctionType))
-        return f"class:{value.__qualname__}:{methods}"
-    try:
-        data = pickle.dumps(value, protocol=5)
-    except Exception:  # noqa: BLE001 - fall back to the cloudpickle bytes already made
-        data = pickled
-    return "value:" + hashlib.blake2b(data, digest_size=16).hexdigest()

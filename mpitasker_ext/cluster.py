@@ -179,8 +179,12 @@ class EngineReply:
     failures: dict = field(default_factory=dict)
 
 
-def run_task(payload):
-    """Runs on every engine: rebuild the job, step into the kernel's directory and path, take part in the run."""
+def run_task(payload, token=0):
+    """Runs on every engine: rebuild the job, step into the kernel's directory and path, take part in the run.
+
+    Whatever fails while setting up (unpickling, a module missing here, the directory) is handed to the run, so
+    every engine learns of it together instead of the others waiting for this one.
+    """
     import pickle
 
     import cloudpickle
@@ -188,15 +192,23 @@ def run_task(payload):
 
     from .scheduler import Sweep, run_mpi
 
-    task = pickle.loads(payload)
     rank = MPI.COMM_WORLD.Get_rank()
     old_cwd, old_path = os.getcwd(), list(sys.path)
-    os.chdir(task.cwd)
-    sys.path[:0] = [p for p in task.sys_path if p not in sys.path]
+    sweep, setup_error = None, None
     try:
+        task = pickle.loads(payload)
+        try:
+            os.chdir(task.cwd)
+        except OSError as exc:
+            raise ClusterError(f"engine rank {rank} on {socket.gethostname()} cannot enter the notebook's "
+                               f"directory {task.cwd} ({exc.strerror}): run the engines where it exists") from exc
+        sys.path[:0] = [p for p in task.sys_path if p not in sys.path]
         sweep = Sweep(task.job.function(), task.args, task.output, fingerprint=task.job.fingerprint,
-                      function_name="%%mpimap cell", remember_code=True, **task.options)
-        values = run_mpi(sweep, MPI.COMM_WORLD)
+                      function_name="%%mpimap cell", remember_code=True, values_everywhere=False, **task.options)
+    except Exception as exc:  # noqa: BLE001 - any setup failure must reach every rank, see run_mpi
+        setup_error = exc
+    try:
+        values = run_mpi(sweep, MPI.COMM_WORLD, setup_error=setup_error, token=token)
     except MPITaskerError as exc:
         reply = EngineReply(rank, None, type(exc).__name__, str(exc), getattr(exc, "failures", {}))
     else:
@@ -209,10 +221,12 @@ def run_task(payload):
 
 def submit(client, task):
     """Send the task to every engine at once; return ipyparallel's AsyncResult (a Future)."""
+    import secrets
+
     import cloudpickle
 
     payload = cloudpickle.dumps(task)
-    return client[:].apply_async(run_task, payload)
+    return client[:].apply_async(run_task, payload, secrets.randbits(62))
 
 
 def collect(future, output):

@@ -100,6 +100,8 @@ class MPIMapMagics(Magics):
                                    "keep the cached results anyway")
     @magic_arguments.argument("--retries", type=int, default=0, metavar="N",
                               help="run a failing job up to N more times before reporting it (default 0)")
+    @magic_arguments.argument("--timeout", type=float, default=None, metavar="SECONDS",
+                              help="stop a job that runs longer and record it as failed (default: no limit)")
     @magic_arguments.argument("--chunksize", type=int, default=None, metavar="K",
                               help="send K jobs per message (default: adapted to the measured job time)")
     @magic_arguments.argument("--no-wait", action="store_true",
@@ -147,6 +149,8 @@ class MPIMapMagics(Magics):
             raise UsageError(f"--retries {opts.retries}: give a number of extra attempts, 0 or more")
         if opts.chunksize is not None and opts.chunksize < 1:
             raise UsageError(f"--chunksize {opts.chunksize}: give 1 or more jobs per message (or leave it out)")
+        if opts.timeout is not None and not 0 < opts.timeout < 1e9:
+            raise UsageError(f"--timeout {opts.timeout}: give a number of seconds > 0 (or leave it out)")
         if opts.out is not None and not opts.out.isidentifier():
             raise UsageError(f"-o {opts.out!r} is not a valid variable name")
         loop = closure.parse_loop(loop_text)
@@ -158,7 +162,7 @@ class MPIMapMagics(Magics):
         except Exception as exc:  # noqa: BLE001 - any error of the user's expression is reported as usage
             raise UsageError(f"the iterable {loop.iterable!r} raised {type(exc).__name__}: {exc}") from None
         args = job_list(iterable)
-        options = {"retries": opts.retries, "force": opts.force, "chunksize": opts.chunksize,
+        options = {"retries": opts.retries, "force": opts.force, "chunksize": opts.chunksize, "timeout": opts.timeout,
                    "on_code_change": "reuse" if opts.reuse else "error"}
         return argparse.Namespace(job=job, args=args, output=cache.output, options=options, out=opts.out,
                                   no_wait=opts.no_wait, profile=opts.profile, cluster_id=opts.cluster_id)
@@ -208,8 +212,9 @@ class MPIMapMagics(Magics):
             return self._assign(plan, reply.values, started, where)
 
         if plan.no_wait:
-            return MapRun(future, finish, plan.output, widgetmod.Follower(plan.output, view, background=True))
-        follower = widgetmod.Follower(plan.output, view)
+            follower = widgetmod.Follower(plan.output, view, background=True, since=started)
+            return MapRun(future, finish, plan.output, follower)
+        follower = widgetmod.Follower(plan.output, view, since=started)
         try:
             while not future.done():
                 future.wait(widgetmod.REFRESH_SECONDS)

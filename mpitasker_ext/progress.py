@@ -3,17 +3,19 @@
 Every view (widget, text line, CLI, server page) renders this one model. A refresh reads the status file rank 0
 rewrites (its size depends on the ranks, not the jobs); only when that writer is gone are the journals counted,
 and that count is cached until a journal changes.
+
+Nothing here unpickles, and every field read from a file is type-checked: anyone who can write under a shared
+project directory can plant a run there, and reading it must neither run their code nor pass their markup on.
 """
 
+import math
 import os
-import pickle
-import socket
 import time
 from dataclasses import asdict, dataclass, field
 
 from . import cache as cachemod
 
-STALE_AFTER = 10.0  # seconds without a status heartbeat (written every 2 s) before a remote writer counts as gone
+STALE_AFTER = 10.0  # seconds without a heartbeat (status or lock, each every 2 s) before a remote writer is gone
 
 RUNNING, FINISHED, FAILED, STALE, INTERRUPTED, MISSING = (
     "running", "finished", "failed", "stale", "interrupted", "missing")
@@ -76,34 +78,84 @@ class Progress:
 
 
 def from_status(status, now=None):
-    """The model of a status dict as rank 0 writes it (also used live, by rank 0's own text view)."""
+    """The model of a status dict as rank 0 writes it (also used live, by rank 0's own text view). A field of
+    the wrong type reads as missing: the file may be planted, and this must never raise or pass it on."""
     now = time.time() if now is None else now
-    started, updated = status.get("started"), status.get("updated")
-    elapsed = max((updated if status.get("state") != RUNNING else now) - started, 0.0) if started else 0.0
-    ranks = []
-    for key, info in sorted(status.get("ranks", {}).items(), key=lambda kv: int(kv[0])):
-        current = info.get("current")
-        ranks.append(RankState(int(key), current[0] if current else None, current[1] if current else 0,
-                               info.get("done", 0), info.get("failed", 0)))
+    status = status if isinstance(status, dict) else {}
+    state = _text(status, "state") or RUNNING
+    started, updated = _number(status, "started", None), _number(status, "updated", None)
+    end = now if state == RUNNING else updated
+    elapsed = max(end - started, 0.0) if started and end is not None else 0.0
     progress = Progress(
-        output=status.get("output", ""), state=status.get("state", RUNNING), total=status.get("total", 0),
-        done=status.get("done", 0), cached=status.get("cached", 0), computed=status.get("computed", 0),
-        running=status.get("running", 0), failed=status.get("failed", 0), pending=status.get("pending", 0),
-        rate=status.get("rate", 0.0), elapsed=elapsed, started=started, updated=updated,
-        host=status.get("host", ""), pid=status.get("pid"), ranks=ranks,
-        failures=[Failure(f["index"], f.get("error", ""), f.get("traceback", "")) for f in status.get("failures", [])])
+        output=_text(status, "output"), state=state, total=_int(status, "total"), done=_int(status, "done"),
+        cached=_int(status, "cached"), computed=_int(status, "computed"), running=_int(status, "running"),
+        failed=_int(status, "failed"), pending=_int(status, "pending"), rate=_number(status, "rate", 0.0),
+        elapsed=elapsed, started=started, updated=updated, host=_text(status, "host"), pid=_int(status, "pid", None),
+        ranks=_ranks(status.get("ranks")), failures=_failures(status.get("failures")))
     remaining = progress.total - progress.done - progress.failed
     if progress.state == RUNNING and progress.rate > 0 and remaining > 0:
         progress.eta = remaining / progress.rate
     return progress
 
 
-def _writer_gone(status, now):
+def _int(data, key, default=0):
+    value = data.get(key)
+    return value if type(value) is int else default       # not bool, not a string that looks like a number
+
+
+def _number(data, key, default):
+    value = data.get(key)
+    if type(value) not in (int, float):
+        return default
+    try:
+        value = float(value)
+    except OverflowError:
+        return default
+    return value if math.isfinite(value) else default      # NaN or Infinity would not survive the JSON API
+
+
+def _text(data, key, default=""):
+    value = data.get(key)
+    return value if isinstance(value, str) else default
+
+
+def _ranks(ranks):
+    """``{"<rank>": {"current": [first, length] or None, "done", "failed"}}``; malformed entries are dropped."""
+    if not isinstance(ranks, dict):
+        return []
+    found = []
+    for key, info in ranks.items():
+        if not (isinstance(key, str) and key.isascii() and key.isdigit() and len(key) < 10 and isinstance(info, dict)):
+            continue
+        current = info.get("current")
+        if not (isinstance(current, list) and len(current) == 2 and all(type(v) is int for v in current)):
+            current = None
+        found.append(RankState(int(key), current[0] if current else None, current[1] if current else 0,
+                               _int(info, "done"), _int(info, "failed")))
+    return sorted(found, key=lambda r: r.rank)
+
+
+def _failures(failures):
+    """``[{"index", "error", "traceback"}]``; an entry without an int index or with non-text fields is dropped."""
+    if not isinstance(failures, list):
+        return []
+    found = []
+    for f in failures:
+        if isinstance(f, dict) and type(f.get("index")) is int:
+            error, text = f.get("error", ""), f.get("traceback", "")
+            if isinstance(error, str) and isinstance(text, str):
+                found.append(Failure(f["index"], error, text))
+    return found
+
+
+def _writer_gone(run, status, now):
+    """Rank 0 writes no status while it prepares, finishes or runs one long serial job, but its lock's heartbeat
+    goes on: the newest of the two is its sign of life (the pid decides on the writer's own host)."""
     pid, host = status.get("pid"), status.get("host")
-    if host == socket.gethostname() and isinstance(pid, int):
-        return not cachemod._pid_alive(pid)
-    updated = status.get("updated")
-    return not isinstance(updated, (int, float)) or now - updated > STALE_AFTER
+    lock = run.read_lock()
+    start = lock.start if lock is not None and (lock.pid, lock.host) == (pid, host) else None
+    beats = [t for t in (status.get("updated"), lock and lock.mtime) if isinstance(t, (int, float))]
+    return not cachemod.writer_alive(pid, host, start, max(beats, default=None), STALE_AFTER, now)
 
 
 class _RecordCount:
@@ -135,7 +187,6 @@ class _RecordCount:
 
 
 _counts = {}
-_finished_totals = {}
 
 
 def read_progress(path, now=None):
@@ -153,8 +204,8 @@ def read_progress(path, now=None):
         return _from_records(run, None, now, "no status file yet")
     progress = from_status(status, now)
     progress.output = output
-    if progress.state == RUNNING and _writer_gone(status, now):
-        return _from_records(run, status, now, f"rank 0 (pid {status.get('pid')} on {status.get('host')}) "
+    if progress.state == RUNNING and _writer_gone(run, status, now):
+        return _from_records(run, status, now, f"rank 0 (pid {progress.pid} on {progress.host}) "
                                                "stopped updating: the run was killed or its host died")
     return progress
 
@@ -163,8 +214,8 @@ def _from_records(run, status, now, note):
     """When the writer is gone the status may lag: count what the journals hold."""
     done, failed = _counts.setdefault(run.run_dir, _RecordCount()).get(run)
     manifest = run.read_manifest() or {}
-    total = (status or {}).get("total") or manifest.get("njobs") or len(done | set(failed))
     progress = from_status(status, now) if status else Progress(run.output, STALE)
+    total = progress.total or _int(manifest, "njobs") or len(done | set(failed))
     progress.output, progress.total, progress.note = run.output, total, note
     progress.done, progress.failed, progress.running = len(done), len(failed), 0
     progress.computed = max(progress.done - progress.cached, 0)
@@ -177,48 +228,31 @@ def _from_records(run, status, now, note):
 
 
 def _failure_of(rec):
-    try:
-        info = rec.value()
-        return Failure(rec.index, info.get("error", ""), info.get("traceback", ""))
-    except Exception as exc:  # noqa: BLE001 - a damaged failure record still shows up as a failure
-        return Failure(rec.index, f"(record unreadable: {exc})")
+    """JSON, never a pickle (cache.JobRecord.failure); a damaged record still shows up as a failure."""
+    info = rec.failure()
+    return Failure(rec.index, info["error"], info["traceback"])
 
 
 def _finished(output):
     """A finished run: its last status when the run kept one (the notebook magic does), else the job count."""
     meta = cachemod.RunCache(output).read_meta() or {}
+    total = _finished_total(meta)
     status = meta.get("status")
-    if isinstance(status, dict) and status.get("total") == meta.get("njobs"):
+    if isinstance(status, dict) and total is not None and _int(status, "total", None) == total:
         progress = from_status(dict(status, state=FINISHED))
         progress.output, progress.running, progress.eta = output, 0, None
         progress.ranks = [RankState(r.rank, None, 0, r.done, r.failed) for r in progress.ranks]
         return progress
-    total = _finished_total(output)
+    if total is None:
+        return Progress(output, FINISHED, note="output written; its job count is unknown (no job count in "
+                                               f"{os.path.basename(output)}{cachemod.META_SUFFIX})")
     return Progress(output, FINISHED, total=total, done=total, note="output written")
 
 
-def _finished_total(output):
-    """Job count of a finished output; loaded once per file version, not per refresh."""
-    try:
-        st = os.stat(output)
-    except FileNotFoundError:
-        return 0
-    key = (st.st_size, st.st_mtime_ns)
-    cached = _finished_totals.get(output)
-    if cached and cached[0] == key:
-        return cached[1]
-    meta = cachemod.RunCache(output).read_meta()
-    if meta and isinstance(meta.get("njobs"), int):
-        total = meta["njobs"]
-    else:
-        try:
-            with open(output, "rb") as f:
-                data = pickle.load(f)
-            total = len(data[0] if isinstance(data, tuple) and len(data) == 1 else data)
-        except Exception:  # noqa: BLE001 - an unreadable output still counts as present
-            total = 0
-    _finished_totals[output] = (key, total)
-    return total
+def _finished_total(meta):
+    """The job count the run recorded beside its output, or None. The output itself is never opened: it is a
+    pickle, and loading a planted one would run its author's code in this reader."""
+    return _int(meta, "njobs", None)
 
 
 def find_runs(root, max_depth=6):

@@ -18,6 +18,7 @@ import time
 
 from tornado import web
 
+from . import cache as cachemod
 from . import progress as progressmod
 
 SCAN_DEPTH = 4
@@ -36,13 +37,15 @@ class RunIndex:
         self._walked = []
 
     def paths(self):
+        """Every run to list; each is checked like ``resolve`` each time, since a walk lists symlinks (an
+        ``x.mpi`` link, a ``.code.json`` link) and a path seen earlier may have become one since."""
         now = time.monotonic()
         if now - self._walked_at > SCAN_TTL:
-            self._walked = progressmod.find_runs(self.root, max_depth=SCAN_DEPTH)
+            self._walked = [p for p in progressmod.find_runs(self.root, max_depth=SCAN_DEPTH) if self.confined(p)]
             self._walked_at = now
             self._seen.update(self._walked)
-        return sorted(set(self._walked) | {p for p in self._seen if os.path.exists(p)
-                                           or os.path.isdir(p + ".mpi")})
+        return sorted(p for p in set(self._walked) | {p for p in self._seen if os.path.exists(p)
+                                                      or os.path.isdir(p + ".mpi")} if self.confined(p))
 
     def resolve(self, relative):
         """The absolute output path of a run named relative to the root, or None if it lies outside."""
@@ -52,13 +55,18 @@ class RunIndex:
         if any(part in ("", ".", "..") for part in parts):
             return None
         candidate = os.path.join(self.root, *parts)
-        parent = os.path.realpath(os.path.dirname(candidate))
-        inside = parent == self.root or parent.startswith(self.root + os.sep)
+        return candidate if self.confined(candidate) else None
+
+    def confined(self, candidate):
+        """True when the real paths of the parent directory, of what is read (the run directory, else the
+        output) and of a ``.code.json`` beside it all lie inside the real root: no symlink leads out."""
         target = candidate + ".mpi" if os.path.isdir(candidate + ".mpi") else candidate
-        real = os.path.realpath(target)
-        if not inside or not (real == self.root or real.startswith(self.root + os.sep)):
-            return None
-        return candidate
+        meta = candidate + cachemod.META_SUFFIX
+        reads = [os.path.dirname(candidate), target] + ([meta] if os.path.lexists(meta) else [])
+        return all(self._inside(os.path.realpath(path)) for path in reads)
+
+    def _inside(self, real):
+        return real == self.root or real.startswith(self.root + os.sep)
 
     def relative(self, path):
         return os.path.relpath(path, self.root)
@@ -75,12 +83,14 @@ def _index(handler):
 
 
 def _handlers(base):
+    from jupyter_server.auth.decorator import authorized
     from jupyter_server.base.handlers import APIHandler, JupyterHandler
 
     class RunsAPI(APIHandler):
         auth_resource = "contents"
 
         @web.authenticated
+        @authorized
         async def get(self):
             index = _index(self)
             runs = await asyncio.get_running_loop().run_in_executor(
@@ -91,6 +101,7 @@ def _handlers(base):
         auth_resource = "contents"
 
         @web.authenticated
+        @authorized
         async def get(self, relative):
             index = _index(self)
             path = index.resolve(relative)
@@ -105,6 +116,7 @@ def _handlers(base):
         auth_resource = "contents"
 
         @web.authenticated
+        @authorized
         def get(self):
             self.set_header("Content-Type", "text/html; charset=utf-8")
             self.finish(_page("mpitasker runs", "dashboard.js", base))
@@ -113,6 +125,7 @@ def _handlers(base):
         auth_resource = "contents"
 
         @web.authenticated
+        @authorized
         def get(self, relative):
             index = _index(self)
             path = index.resolve(relative)

@@ -125,7 +125,7 @@ class Tasker:
     """
 
     def __init__(self, method="MPI", *, comm=None, verbose=False, retries=0, on_code_change="warn",
-                 chunksize=None, progress=True):
+                 chunksize=None, progress=True, timeout=None):
         self.comm = comm if comm is not None else world_communicator(method)
         if self.comm is None:
             self.rank, self.size = 0, 1
@@ -137,6 +137,7 @@ class Tasker:
         self.on_code_change = on_code_change
         self.chunksize = chunksize
         self.progress = progress
+        self.timeout = timeout
         if verbose:
             enable_verbose_logging(self.rank)
 
@@ -152,20 +153,22 @@ class Tasker:
     def __exit__(self, exc_type, exc, tb):
         return False
 
-    def map(self, filename, fn, args, *, force=False, retries=None, chunksize=None, on_code_change=None):
+    def map(self, filename, fn, args, *, force=False, retries=None, chunksize=None, on_code_change=None,
+            timeout=None):
         """Run every job not already cached; return ``(index, [arg], result)`` triples on every rank."""
         jobs = job_list(args)
         sweep = Sweep(fn, jobs, filename,
                       retries=self.retries if retries is None else retries, force=force,
                       on_code_change=on_code_change or self.on_code_change,
                       chunksize=self.chunksize if chunksize is None else chunksize, verbose=self.verbose,
+                      timeout=self.timeout if timeout is None else timeout,
                       monitor=_monitor(self.progress, self.rank))
         values = run_sweep(sweep, self.comm)
         return [(i, [arg], value) for i, (arg, value) in enumerate(zip(jobs, values, strict=True))]
 
 
 def mpimap(fn, iterable, cache, *, comm=None, retries=0, force=False, chunksize=None, verbose=False,
-           on_code_change="warn", progress=True):
+           on_code_change="warn", progress=True, timeout=None):
     """``[fn(x) for x in iterable]`` over MPI ranks, memoised in ``cache`` (an output file path).
 
     Run the same script on every rank (``mpiexec -n 4 python script.py``); every rank gets the list.
@@ -178,6 +181,6 @@ def mpimap(fn, iterable, cache, *, comm=None, retries=0, force=False, chunksize=
     if verbose:
         enable_verbose_logging(0 if comm is None else comm.Get_rank())
     sweep = Sweep(fn, job_list(iterable), cache, retries=retries, force=force, chunksize=chunksize,
-                  verbose=verbose, on_code_change=on_code_change,
+                  verbose=verbose, on_code_change=on_code_change, timeout=timeout,
                   monitor=_monitor(progress, 0 if comm is None else comm.Get_rank()))
     return run_sweep(sweep, comm)

@@ -17,6 +17,7 @@ log = logging.getLogger(__name__)
 
 REFRESH_SECONDS = 0.5  # <= 2 Hz
 LOG_EVERY_SECONDS = 30.0
+FOLLOW_SLACK = 3.0  # seconds a run's host clock may lag the kernel's before its run looks older than `since`
 
 
 def widgets_available():
@@ -115,8 +116,9 @@ class ProgressWidget:
         self.bar.style.bar_color = color
         parts = progressmod.summary_parts(progress)
         self.counts.value = (f"<span class='mpitasker-state' style='color:{color}'><b>"
-                             f"{html.escape(progress.state)}</b></span> "
-                             f"<span class='mpitasker-done' data-done='{progress.done}' data-total='{progress.total}'>"
+                             f"{_esc(progress.state)}</b></span> "
+                             f"<span class='mpitasker-done' data-done='{_esc(progress.done)}' "
+                             f"data-total='{_esc(progress.total)}'>"
                              f"{html.escape(' | '.join(parts))}</span>")
         self.ranks.value = _ranks_table(progress)
         shown = tuple((f.index, f.error) for f in progress.failures)
@@ -125,30 +127,40 @@ class ProgressWidget:
             w = self._w
             children = [w.HTML(f"<pre>{html.escape(f.traceback or f.error)}</pre>") for f in progress.failures]
             self.failures.children = children
-            for i, f in enumerate(progress.failures):
+            for i, f in enumerate(progress.failures):     # a title is set as text (textContent), not as HTML
                 self.failures.set_title(i, f"job {f.index}: {f.error}"[:120])
 
     def close(self, progress):
         self.update(progress)
 
 
+def _esc(value):
+    """Any value bound for HTML, numbers included: the model may come from a planted status file."""
+    return html.escape(str(value), quote=True)
+
+
 def _ranks_table(progress):
     if not progress.ranks:
         return ""
     rows = "".join(
-        f"<tr><td>{r.rank}</td><td>{'-' if r.current is None else r.current}"
-        f"{f' (+{r.batch - 1})' if r.batch > 1 else ''}</td><td>{r.done}</td><td>{r.failed}</td></tr>"
+        f"<tr><td>{_esc(r.rank)}</td><td>{_esc('-' if r.current is None else r.current)}"
+        f"{_esc(f' (+{r.batch - 1})') if isinstance(r.batch, int) and r.batch > 1 else ''}</td>"
+        f"<td>{_esc(r.done)}</td><td>{_esc(r.failed)}</td></tr>"
         for r in progress.ranks)
     return ("<table style='font-size:90%'><tr><th>rank</th><th>current job</th><th>done</th><th>failed</th></tr>"
             f"{rows}</table>")
 
 
 class Follower:
-    """Refresh a view from a run directory at <= 2 Hz until the run is no longer running (or stop())."""
+    """Refresh a view from a run directory at <= 2 Hz until the run is no longer running (or stop()).
 
-    def __init__(self, output, view, background=False):
+    ``since`` (wall-clock time the run was submitted): snapshots of an earlier run on the same output, which
+    the directory still shows until the new run writes its status, are not drawn and do not end the view."""
+
+    def __init__(self, output, view, background=False, since=None):
         self.output = output
         self.view = view
+        self.since = since
         self._stop = threading.Event()
         self._closed = threading.Lock()
         self._thread = None
@@ -159,19 +171,27 @@ class Follower:
     def refresh(self):
         """Redraw from the run directory; nothing is drawn until the run has started."""
         snapshot = progressmod.read_progress(self.output)
-        if snapshot.state != progressmod.MISSING:
+        if self._ours(snapshot):
             self.view.update(snapshot)
         return snapshot
 
     def follow(self):
         while not self._stop.is_set():
             snapshot = progressmod.read_progress(self.output)
-            if snapshot.state not in (progressmod.RUNNING, progressmod.MISSING):
-                self._close(snapshot)
-                return
-            if snapshot.state != progressmod.MISSING:
+            if self._ours(snapshot):
+                if snapshot.state != progressmod.RUNNING:
+                    self._close(snapshot)
+                    return
                 self.view.update(snapshot)
             self._stop.wait(REFRESH_SECONDS)
+
+    def _ours(self, snapshot):
+        """Drawable, and of the followed run (not what an earlier run left there)."""
+        if snapshot.state == progressmod.MISSING:
+            return False
+        if self.since is None:
+            return True
+        return snapshot.started is not None and snapshot.started >= self.since - FOLLOW_SLACK
 
     def stop(self):
         self._stop.set()

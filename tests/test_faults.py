@@ -280,7 +280,8 @@ def wrong_version_journal(journals):
     path = journals[0]
     data = open(path, "rb").read()
     count = sum(1 for rec in cachemod.decode_journal(data) if rec.ok)
-    open(path, "wb").write(data.replace(b"MPITASKER-JOURNAL 1", b"MPITASKER-JOURNAL 7", 1))
+    current = b"MPITASKER-JOURNAL %d" % cachemod.FORMAT_VERSION
+    open(path, "wb").write(data.replace(current, b"MPITASKER-JOURNAL 7", 1))
     return path, count
 
 

@@ -28,7 +28,7 @@ SLOW_JOB = """
 
 
 class Server:
-    def __init__(self, root):
+    def __init__(self, root, *extra):
         self.root = root
         self.port = free_port()
         self.token = "s" + os.urandom(8).hex()
@@ -37,7 +37,8 @@ class Server:
         self.log = open(log_path, "w")
         self.proc = subprocess.Popen([sys.executable, "-m", "jupyter_server", "--no-browser", "--ip=127.0.0.1",
                                       f"--port={self.port}", "--allow-root", f"--IdentityProvider.token={self.token}",
-                                      f"--ServerApp.root_dir={root}"], stdout=self.log, stderr=subprocess.STDOUT)
+                                      f"--ServerApp.root_dir={root}", *extra], stdout=self.log,
+                                     stderr=subprocess.STDOUT, env=dict(os.environ, PYTHONPATH=str(root.parent)))
         wait_for_jupyter(self.base, self.token, self.proc, log_path)
 
     def get(self, path, token=True, raw=False):
@@ -207,3 +208,28 @@ def test_browser_sees_the_dashboard_move(server, runner):
     assert len(values) >= 3 and values == sorted(values), values
     assert values[-1] == 299
     assert "<script>alert(1)</script> seven" in text       # shown as text, not executed
+
+
+DENYING_AUTHORIZER = """
+from jupyter_server.auth.authorizer import Authorizer
+class NoContents(Authorizer):
+    def is_authorized(self, handler, user, action, resource):
+        return resource != "contents"
+"""
+
+
+def test_the_servers_authorizer_decides(tmp_path):
+    """Authentication is not enough: a user the configured authorizer denies `contents` reads gets 403."""
+    root = tmp_path / "root"
+    (root / "sweeps").mkdir(parents=True)
+    (tmp_path / "denying.py").write_text(DENYING_AUTHORIZER)
+    from mpitasker_ext import mpimap
+    mpimap(abs, range(3), str(root / "sweeps" / "a.pkl"), comm=None, progress=False)
+    server = Server(root, "--ServerApp.authorizer_class=denying.NoContents")
+    try:
+        codes = [server.get(path)[0] for path in ("/mpitasker/", "/mpitasker/api/runs", "/mpitasker/run/sweeps/a.pkl",
+                                                  "/mpitasker/api/run/sweeps/a.pkl")]
+        assert codes == [403, 403, 403, 403]
+        assert server.get("/api/status")[0] == 200          # the same user, authenticated, elsewhere
+    finally:
+        server.stop()

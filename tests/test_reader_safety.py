@@ -1,0 +1,317 @@
+"""Files planted under a shared root must not run code in, or inject markup into, whoever reads progress.
+
+Anyone who can write under a group-shared project directory can leave a run there: an output whose pickle runs
+a command, a journal whose records do, a status file with HTML where numbers belong, a symlink to someone else's
+run. The progress model, the CLI, the server API, the widget and the dashboard pages read all of these.
+"""
+
+import json
+import os
+import pickle
+import shlex
+import subprocess
+import sys
+import time
+
+import pytest
+from test_server import Server
+
+from conftest import CHROMIUM, CHROMIUM_ARGS, REPO
+from mpitasker_ext import cache, progress
+from mpitasker_ext.widget import ProgressWidget
+
+XSS = "<img src=x onerror=window.__pwned=1>"
+NOW = time.time()
+
+
+class _RunsCommand:
+    """Unpickling this runs ``touch marker``: what a planted pickle can do in its reader."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.system, (f"touch {shlex.quote(self.marker)}",)
+
+
+def evil_pickle(marker):
+    return pickle.dumps(_RunsCommand(str(marker)))
+
+
+def plant_output(root, name, marker):
+    """A finished-looking run: a malicious output and a ``.code.json`` without a job count."""
+    (root / name).write_bytes(evil_pickle(marker))
+    (root / (name + cache.META_SUFFIX)).write_text(json.dumps({"format": cache.FORMAT_VERSION, "code": "x"}))
+
+
+def plant_journal(root, name, failed_marker, started_marker):
+    """A stale-looking run (no status file): a journal whose failed and started records hold malicious pickles."""
+    run_dir = root / (name + cache.RUN_SUFFIX)
+    run_dir.mkdir()
+    data = (cache.JOURNAL_MAGIC_LINE % cache.FORMAT_VERSION
+            + cache.encode_record(5, cache.STARTED, bytes(16), 0.0, evil_pickle(started_marker))
+            + cache.encode_record(3, cache.FAILED, bytes(16), 0.0, evil_pickle(failed_marker)))
+    (run_dir / "journal-r00001-planted.bin").write_bytes(data)
+
+
+def plant_status(root, name, status):
+    run_dir = root / (name + cache.RUN_SUFFIX)
+    run_dir.mkdir()
+    (run_dir / cache.STATUS).write_text(json.dumps(status))
+
+
+# Markup where numbers belong. The old reader passed these through as they were (the fields chosen here did not
+# make it raise), and the pages put them into innerHTML.
+MARKUP_STATUS = {
+    "state": "failed", "output": "/x/markup.pkl", "total": 4, "done": 2, "failed": 1, "rate": 1.5,
+    "started": NOW - 10, "updated": NOW, "cached": XSS, "computed": XSS, "running": XSS, "pending": XSS,
+    "ranks": {"1": {"current": [XSS, 1], "done": XSS, "failed": 0}, "2": {"current": [7, XSS], "done": 1}},
+    "failures": [{"index": XSS, "error": "first"}, {"index": 2, "error": "second", "traceback": "tb"}],
+}
+# Markup in the fields every view does arithmetic with.
+NUMBERS_STATUS = {"state": "running", "total": XSS, "done": XSS, "failed": True, "rate": "NaN",
+                  "started": "yesterday", "updated": [1], "pid": "1", "host": 7, "ranks": [XSS],
+                  "failures": [XSS, {"index": True, "error": "x"}, {"index": 1, "error": ["x"]}]}
+FINE_STATUS = {"state": "failed", "total": 5, "done": 4, "failed": 1, "started": NOW - 5, "updated": NOW,
+               "failures": [{"index": 3, "error": "boom-3", "traceback": "Traceback: boom-3"}]}
+HASH_NAME = "a#b?c.pkl"
+
+
+@pytest.fixture(scope="module")
+def planted(tmp_path_factory):
+    """One server over a root holding every kind of planted run, and the markers their pickles would create."""
+    base = tmp_path_factory.mktemp("planted")
+    root = base / "root"
+    root.mkdir()
+    markers = {name: base / f"ran-{name}" for name in ("output", "failed", "started")}
+    plant_output(root, "evil.pkl", markers["output"])
+    plant_journal(root, "journal.pkl", markers["failed"], markers["started"])
+    plant_status(root, "markup.pkl", MARKUP_STATUS)
+    plant_status(root, "numbers.pkl", NUMBERS_STATUS)
+    plant_status(root, HASH_NAME, FINE_STATUS)
+    outside = base / "outside"
+    outside.mkdir()
+    plant_status(outside, "secret.pkl", dict(FINE_STATUS, failures=[{"index": 1, "error": "SECRET-ERROR"}]))
+    os.symlink(outside / "secret.pkl.mpi", root / "linked.pkl.mpi")
+    (root / "meta.pkl").write_bytes(pickle.dumps(([(0, [0], 0)],)))       # a real output, its .code.json a link
+    (outside / "meta.pkl.code.json").write_text(json.dumps({"njobs": 1, "status": dict(
+        FINE_STATUS, total=1, failures=[{"index": 0, "error": "SECRET-META"}])}))
+    os.symlink(outside / "meta.pkl.code.json", root / "meta.pkl.code.json")
+    server = Server(root)
+    yield server, root, markers
+    server.stop()
+
+
+def assert_no_marker(markers):
+    ran = [name for name, path in markers.items() if path.exists()]
+    assert not ran, f"reading progress unpickled planted bytes: {ran}"
+
+
+# -- no unpickling --------------------------------------------------------------------------------------------------
+
+def test_a_planted_output_is_never_unpickled(tmp_path):
+    marker = tmp_path / "ran"
+    plant_output(tmp_path, "evil.pkl", marker)
+    p = progress.read_progress(tmp_path / "evil.pkl")
+    assert p.state == "finished" and p.total == 0 and "unknown" in p.note
+    cli = subprocess.run([sys.executable, "-m", "mpitasker_ext", "status", str(tmp_path / "evil.pkl")],
+                         capture_output=True, text=True, env=dict(os.environ, PYTHONPATH=REPO), timeout=60)
+    assert cli.returncode == 0 and "evil.pkl: finished" in cli.stdout
+    assert not marker.exists()
+
+
+def test_planted_journal_records_are_never_unpickled(tmp_path):
+    markers = {"failed": tmp_path / "ran-failed", "started": tmp_path / "ran-started"}
+    plant_journal(tmp_path, "j.pkl", markers["failed"], markers["started"])
+    p = progress.read_progress(tmp_path / "j.pkl")
+    assert p.state == "stale" and p.failed == 1
+    assert [f.index for f in p.failures] == [3] and "unreadable" in p.failures[0].error
+    cli = subprocess.run([sys.executable, "-m", "mpitasker_ext", "status", str(tmp_path / "j.pkl")],
+                         capture_output=True, text=True, env=dict(os.environ, PYTHONPATH=REPO), timeout=60)
+    assert cli.returncode == 0 and "failed job 3" in cli.stdout
+    assert_no_marker(markers)
+
+
+def test_the_server_api_never_unpickles(planted):
+    server, _, markers = planted
+    status, body = server.get("/mpitasker/api/runs")
+    assert status == 200
+    runs = {r["path"]: r for r in body["runs"]}
+    assert runs["evil.pkl"]["state"] == "finished" and runs["evil.pkl"]["total"] == 0
+    assert runs["journal.pkl"]["state"] == "stale" and runs["journal.pkl"]["failed"] == 1
+    for path in ("evil.pkl", "journal.pkl"):
+        status, _ = server.get(f"/mpitasker/api/run/{path}")
+        assert status == 200
+        server.get(f"/mpitasker/run/{path}", raw=True)
+    assert_no_marker(markers)
+
+
+# -- the journal format 2 payloads ------------------------------------------------------------------------------------
+
+def test_failed_and_started_payloads_are_plain_data(tmp_path):
+    run = cache.RunCache(str(tmp_path / "out.pkl"))
+    run.create()
+    journal = run.new_journal(1)
+    journal.start_batch([4, 5, 6])
+    journal.append(4, True, bytes(16), 0.1, pickle.dumps("four"))
+    info = {"index": 5, "arg": "5", "error": "ValueError: <b>", "traceback": "Traceback ...\nValueError: <b>"}
+    journal.append(5, False, bytes(16), 0.1, cache.encode_failure(info))
+    journal.close()
+    records = list(decoded(run))
+    assert records[0].batch() == [4, 5, 6] and records[0].payload == (4).to_bytes(8, "little") + \
+        (5).to_bytes(8, "little") + (6).to_bytes(8, "little")
+    assert records[1].value() == "four"
+    assert records[2].failure() == info and json.loads(records[2].payload) == info
+    with pytest.raises(ValueError):
+        records[2].value()
+    assert [(index, info.rank) for index, info in run.interrupted_jobs()] == [(6, 1)]
+    for payload in (b"\x80\x04K\x01.", b"\xff\xfe", b"[" * 100000, b'{"index": "5", "arg": "", "error": "", '
+                    b'"traceback": ""}', b'{"index": 5, "arg": 1, "error": "", "traceback": ""}', b"null"):
+        bad = cache.JobRecord(5, cache.FAILED, bytes(16), 0.0, payload).failure()
+        assert bad == {"index": 5, "arg": "?", "error": "(failure record unreadable)", "traceback": ""}
+    assert cache.JobRecord(5, cache.STARTED, bytes(16), 0.0, b"\x01\x02\x03").batch() == []
+
+
+def decoded(run):
+    for _info, records in run.read_journals():
+        yield from records
+
+
+def test_a_format_1_journal_is_skipped_with_a_warning(tmp_path, caplog):
+    run = cache.RunCache(str(tmp_path / "out.pkl"))
+    run.create()
+    with open(run.path("journal-r00001-old.bin"), "wb") as f:
+        f.write(b"MPITASKER-JOURNAL 1\n" + cache.encode_record(0, cache.OK, bytes(16), 0.0, pickle.dumps(1)))
+    assert list(run.read_records()) == []
+    assert "not a format-2 journal" in caplog.text
+
+
+# -- markup where numbers belong ----------------------------------------------------------------------------------
+
+def test_status_fields_are_type_checked():
+    p = progress.from_status(NUMBERS_STATUS, now=NOW)
+    assert (p.total, p.done, p.failed, p.rate, p.elapsed, p.started, p.updated, p.pid, p.host) == \
+        (0, 0, 0, 0.0, 0.0, None, None, None, "")
+    assert p.ranks == [] and p.failures == [] and p.fraction == 0.0
+    m = progress.from_status(MARKUP_STATUS, now=NOW)
+    assert (m.cached, m.computed, m.running, m.pending) == (0, 0, 0, 0)
+    assert [(r.rank, r.current, r.batch, r.done) for r in m.ranks] == [(1, None, 0, 0), (2, None, 0, 1)]
+    assert [(f.index, f.error) for f in m.failures] == [(2, "second")]
+    for status in ({"ranks": {"x": {}, "1" * 50: {}, "²": {}}}, {"rate": float("inf")}, {"total": 10 ** 400},
+                   {"rate": 10 ** 400}, {"failures": {"index": 1}}, {"started": NOW, "state": "failed"}, []):
+        progress.from_status(status, now=NOW)             # never raises
+    assert json.dumps(progress.from_status({"rate": float("nan")}).to_dict(), allow_nan=False)
+
+
+def test_deeply_nested_json_reads_as_damage(tmp_path):
+    (tmp_path / "deep.pkl.mpi").mkdir()
+    (tmp_path / "deep.pkl.mpi" / cache.STATUS).write_text("[" * 100000)
+    (tmp_path / "deep.pkl.mpi" / "journal-r00001-deep.bin").write_bytes(
+        b"MPITASKER-JOURNAL %d " % cache.FORMAT_VERSION + b"[" * 4000 + b"\n")
+    assert progress.read_progress(tmp_path / "deep.pkl").state == "stale"
+
+
+def test_widget_html_has_no_planted_markup(tmp_path):
+    widget = ProgressWidget("planted")
+    for status in (MARKUP_STATUS, NUMBERS_STATUS):
+        widget.update(progress.from_status(status, now=NOW))
+        html = [widget.counts.value, widget.ranks.value] + [c.value for c in widget.failures.children]
+        assert not any("<img" in h for h in html), html
+    model = progress.from_status(MARKUP_STATUS, now=NOW)
+    model.ranks[0].current = XSS                            # a model built by other code is escaped too
+    from mpitasker_ext.widget import _ranks_table
+    assert "<img" not in _ranks_table(model)
+
+
+def test_api_values_are_numbers(planted):
+    server, _, _ = planted
+    for path in ("markup.pkl", "numbers.pkl"):
+        status, run = server.get(f"/mpitasker/api/run/{path}")
+        assert status == 200
+        for key in ("total", "done", "cached", "computed", "running", "failed", "pending"):
+            assert type(run[key]) is int, (path, key, run[key])
+        assert type(run["rate"]) is float and XSS not in json.dumps(run)
+    _, body = server.get("/mpitasker/api/runs")
+    assert XSS not in json.dumps(body)
+
+
+# -- names with '#' and '?' ---------------------------------------------------------------------------------------
+
+def test_a_run_named_with_hash_and_question_mark_is_served(planted):
+    server, _, _ = planted
+    status, run = server.get("/mpitasker/api/run/a%23b%3Fc.pkl")
+    assert status == 200 and run["path"] == HASH_NAME and run["failures"][0]["error"] == "boom-3"
+    status, page = server.get("/mpitasker/run/a%23b%3Fc.pkl", raw=True)
+    assert status == 200 and "a#b?c.pkl" in page
+
+
+# -- symlinks out of the root -----------------------------------------------------------------------------------
+
+def test_symlinks_out_of_the_root_are_not_listed(planted):
+    server, _, _ = planted
+    status, body = server.get("/mpitasker/api/runs")
+    assert status == 200
+    paths = {r["path"] for r in body["runs"]}
+    assert "linked.pkl" not in paths and "meta.pkl" not in paths and HASH_NAME in paths
+    assert "SECRET" not in json.dumps(body)
+    for path in ("linked.pkl", "meta.pkl"):
+        status, text = server.get(f"/mpitasker/api/run/{path}")
+        assert status == 404 and "SECRET" not in str(text)
+
+
+def test_a_run_seen_earlier_is_dropped_once_it_leads_out_of_the_root(tmp_path):
+    root, outside = tmp_path / "root", tmp_path / "outside"
+    root.mkdir()
+    outside.mkdir()
+    plant_status(root, "moved.pkl", FINE_STATUS)
+    plant_status(outside, "theirs.pkl", dict(FINE_STATUS, failures=[{"index": 1, "error": "SECRET-SEEN"}]))
+    server = Server(root)
+    try:
+        _, body = server.get("/mpitasker/api/runs")
+        assert [r["path"] for r in body["runs"]] == ["moved.pkl"]      # now remembered
+        for name in os.listdir(root / "moved.pkl.mpi"):
+            os.unlink(root / "moved.pkl.mpi" / name)
+        os.rmdir(root / "moved.pkl.mpi")
+        os.symlink(outside / "theirs.pkl.mpi", root / "moved.pkl.mpi")
+        time.sleep(1.2)                                                  # past the walk's reuse
+        _, body = server.get("/mpitasker/api/runs")
+        assert body["runs"] == [] and "SECRET" not in json.dumps(body)
+        os.unlink(root / "moved.pkl.mpi")
+        (outside / "output.pkl").write_bytes(pickle.dumps(([(0, [0], 0)],)))
+        os.symlink(outside / "output.pkl", root / "moved.pkl")          # a bare output: only the memory lists it
+        time.sleep(1.2)
+        _, body = server.get("/mpitasker/api/runs")
+        assert body["runs"] == []
+    finally:
+        server.stop()
+
+
+# -- a real browser -------------------------------------------------------------------------------------------------
+
+def test_pages_run_no_planted_script_and_link_odd_names(planted):
+    from playwright.sync_api import sync_playwright
+    server, _, markers = planted
+    if not os.access(CHROMIUM, os.X_OK):
+        pytest.fail(f"{CHROMIUM} is missing: the test command installs Debian's chromium (apt-get install chromium)")
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        page = browser.new_page()
+        page.goto(f"{server.base}/mpitasker/?token={server.token}")
+        page.wait_for_selector("tr.run[data-path='markup.pkl']")
+        rows = page.locator("tr.run").evaluate_all("rows => rows.map(r => r.dataset.path)")
+        assert {"markup.pkl", "numbers.pkl", HASH_NAME} <= set(rows) and "linked.pkl" not in rows
+        time.sleep(1.5)                                   # an <img src=x> fails and fires onerror meanwhile
+        assert page.evaluate("window.__pwned") is None
+        assert page.locator("img").count() == 0
+        for path in ("markup.pkl", "numbers.pkl"):
+            page.goto(f"{server.base}/mpitasker/run/{path}?token={server.token}")
+            page.wait_for_selector("span.counts")
+            time.sleep(1.5)
+            assert page.evaluate("window.__pwned") is None and page.locator("img").count() == 0, path
+        page.goto(f"{server.base}/mpitasker/?token={server.token}")
+        page.locator(f"tr.run[data-path='{HASH_NAME}'] a").click()
+        page.wait_for_selector("details.failure summary")
+        assert "boom-3" in page.locator("details.failure summary").first.inner_text()
+        assert page.url.split("?")[0].endswith("/mpitasker/run/a%23b%3Fc.pkl")
+        browser.close()
+    assert_no_marker(markers)
