@@ -8,7 +8,7 @@ import argparse
 import os
 import sys
 
-from throughput import run
+from throughput import MILLION, run
 
 MANY_RANKS = """
     import resource, sys, time
@@ -34,33 +34,6 @@ MANY_RANKS = """
     shares = world.gather(share, root=0)
     if world.rank == 0:
         print('MANY', N / wall, ok, max(shares), sum(shares) / len(shares), sum(shares))
-"""
-
-MILLION = """
-    import os, resource, sys, threading, time
-    from mpi4py import MPI
-    from mpitasker_ext import mpimap
-    N = int(sys.argv[1])
-    world = MPI.COMM_WORLD
-    most_files = [0]
-    def count_files():
-        while not done.is_set():
-            try:
-                most_files[0] = max(most_files[0], len(os.listdir('million.pkl.mpi')))
-            except FileNotFoundError:
-                pass
-            time.sleep(0.05)
-    done = threading.Event()
-    if world.rank == 0:
-        threading.Thread(target=count_files, daemon=True).start()
-    world.Barrier()
-    t = time.perf_counter()
-    values = mpimap(lambda x: x, range(N), 'million.pkl', progress=False)
-    wall = time.perf_counter() - t
-    done.set()
-    if world.rank == 0:
-        rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-        print('MILLION', N / wall, wall, rss, most_files[0], int(values[-1] == N - 1))
 """
 
 RESTART = """

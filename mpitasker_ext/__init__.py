@@ -1,6 +1,7 @@
 """Spread many similar jobs over MPI ranks with a restartable on-disk cache."""
 
 from .errors import CacheError, CodeChanged, JobsFailed, MPITaskerError, RunLocked, UsageError, WorkerError
+from .store import load
 from .tasker import Tasker, mpimap
 
 __version__ = "0.1.0"
@@ -23,5 +24,5 @@ def load_ipython_extension(ipython):
 
     load(ipython)
 
-__all__ = ["Tasker", "mpimap", "MPITaskerError", "UsageError", "CacheError", "RunLocked", "CodeChanged",
+__all__ = ["Tasker", "mpimap", "load", "MPITaskerError", "UsageError", "CacheError", "RunLocked", "CodeChanged",
            "JobsFailed", "WorkerError", "load_ipython_extension", "__version__"]

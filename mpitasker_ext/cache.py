@@ -16,6 +16,7 @@ import pickle
 import secrets
 import shutil
 import socket
+import stat
 import struct
 import threading
 import time
@@ -27,7 +28,7 @@ from .identity import args_digest, code_fingerprint  # noqa: F401 - the cache's 
 
 log = logging.getLogger(__name__)
 
-FORMAT_VERSION = 2  # 2: failed and started payloads are JSON and packed indices, so readers never unpickle
+FORMAT_VERSION = 3  # 2: failed/started payloads are JSON/packed indices; 3: ok payloads carry out-of-band buffers
 RUN_SUFFIX = ".mpi"
 MANIFEST = "manifest.json"
 STATUS = "status.json"
@@ -52,6 +53,7 @@ OK, FAILED, STARTED = 0, 1, 2  # a STARTED record lists a batch a worker is abou
 MAX_RECORD = (1 << 32) - 1 - 64
 FAILURE_FIELDS = ("index", "arg", "error", "traceback")
 UNREADABLE_FAILURE = "(failure record unreadable)"
+_IOV_MAX = 1024  # parts per writev: IOV_MAX on Linux and the BSDs
 
 
 def dumps(obj, protocol=RESULT_PROTOCOL):
@@ -240,6 +242,20 @@ class JournalWriter:
         self._write(encode_record(index, OK if ok else FAILED, digest, seconds, payload))
         self._maybe_sync()
 
+    def append_value(self, index, digest, seconds, encoded):
+        """One finished job's result (``store.encode_value``): framed as ``encode_record`` does, the CRC taken
+        over the parts in turn and everything written with one ``writev``, so an array's bytes are never copied."""
+        length = _FIELDS.size + encoded.size
+        if length > MAX_RECORD:
+            raise RecordTooLarge(encoded.size)
+        fields = _FIELDS.pack(index, OK, digest, seconds)
+        parts = encoded.parts()
+        crc = zlib.crc32(fields)
+        for part in parts:
+            crc = zlib.crc32(part, crc)
+        self._writev([_FRAME.pack(_FRAME_MAGIC, length, crc) + fields, *parts])
+        self._maybe_sync()
+
     def start_batch(self, indices):
         """Note the batch about to run: if the process dies, the next run knows which job was running."""
         self._write(encode_record(indices[0], STARTED, bytes(16), 0.0, encode_batch(indices)))
@@ -255,6 +271,21 @@ class JournalWriter:
         while view:
             written = os.write(self._fd, view)
             view = view[written:]
+
+    def _writev(self, parts):
+        """Write the parts in order, going on after a partial write and IOV_MAX parts at a time."""
+        if not hasattr(os, "writev"):
+            self._write(b"".join(parts))
+            return
+        views = [memoryview(part).cast("B") for part in parts if len(part)]
+        first = 0
+        while first < len(views):
+            written = os.writev(self._fd, views[first:first + _IOV_MAX])
+            while written and written >= len(views[first]):
+                written -= len(views[first])
+                first += 1
+            if written:
+                views[first] = views[first][written:]
 
     def close(self):
         if self._fd is not None:
@@ -298,11 +329,35 @@ def atomic_write_bytes(path, data, durable=True):
         raise
 
 
+MAX_JSON_FILE = 16 * 2**20
+
+
+def open_regular(path):
+    """Open a file of a run for reading only if it is a regular file, not a symlink (which could lead out of a
+    server's root) nor a FIFO or device (which could block or never end a read). Raises OSError otherwise."""
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise OSError(errno.EINVAL, "not a regular file", path)
+        os.set_blocking(fd, True)
+        return os.fdopen(fd, "rb")
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+def read_regular(path, limit=None):
+    """The bytes of a regular file of a run (see ``open_regular``), refusing one larger than ``limit``."""
+    with open_regular(path) as f:
+        if limit is not None and os.fstat(f.fileno()).st_size > limit:
+            raise OSError(errno.EFBIG, f"larger than {limit} bytes", path)
+        return f.read()
+
+
 def _read_json(path):
     """A JSON file's dict, or None when it is missing; damage is logged and reads as missing."""
     try:
-        with open(path, "rb") as f:
-            data = json.loads(f.read())
+        data = json.loads(read_regular(path, MAX_JSON_FILE))
     except FileNotFoundError:
         return None
     except (OSError, ValueError, RecursionError) as exc:  # a planted file may nest deeper than the parser goes
@@ -396,15 +451,15 @@ class LockHolder:
 def _read_lock(path):
     """The holder named by a lock file, or None when there is none."""
     try:
-        with open(path, "rb") as f:
+        with open_regular(path) as f:
             mtime = os.fstat(f.fileno()).st_mtime
-            data = f.read()
+            data = f.read(MAX_JSON_FILE)
     except FileNotFoundError:
         return None
     except OSError:
         data = b""
         try:
-            mtime = os.stat(path).st_mtime
+            mtime = os.lstat(path).st_mtime
         except FileNotFoundError:
             return None
         except OSError:
@@ -530,10 +585,11 @@ class RunCache:
     def meta_path(self):
         return self.output + META_SUFFIX
 
-    def write_meta(self, njobs, fingerprint, function_name="", final_status=None):
-        """The code identity of a finished output, and its last status so views can still show how it went."""
+    def write_meta(self, njobs, fingerprint, function_name="", final_status=None, grid="", output_identity=None):
+        """The code identity of a finished output, its last status so views can still show how it went, and
+        which grid and which file it describes (a rerun of the same map then rewrites nothing)."""
         meta = {"format": FORMAT_VERSION, "njobs": njobs, "code": fingerprint, "function": function_name,
-                "status": final_status}
+                "status": final_status, "grid": grid, "output_identity": output_identity}
         atomic_write_bytes(self.meta_path, json.dumps(meta).encode(), durable=False)
 
     def read_meta(self):
@@ -582,8 +638,7 @@ class RunCache:
         """Each journal's writer info (with the job it was running when it stopped) and its records."""
         for path in self.journal_paths():
             try:
-                with open(path, "rb") as f:
-                    data = f.read()
+                data = read_regular(path)
             except OSError as exc:
                 log.warning("journal %s is unreadable (%s); its jobs will be recomputed", path, exc.strerror)
                 continue

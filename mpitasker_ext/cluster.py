@@ -172,11 +172,15 @@ class EngineTask:
 
 @dataclass
 class EngineReply:
+    """One engine's answer: success (the results are in the store, which the kernel reads itself: they never
+    travel back through the engines and ZMQ), or the error every engine agreed on."""
+
     rank: int
-    values: list | None = None
+    ok: bool = False
     error_type: str = ""
     message: str = ""
     failures: dict = field(default_factory=dict)
+    total: int = 0
 
 
 def run_task(payload, token=0):
@@ -204,19 +208,20 @@ def run_task(payload, token=0):
                                f"directory {task.cwd} ({exc.strerror}): run the engines where it exists") from exc
         sys.path[:0] = [p for p in task.sys_path if p not in sys.path]
         sweep = Sweep(task.job.function(), task.args, task.output, fingerprint=task.job.fingerprint,
-                      function_name="%%mpimap cell", remember_code=True, values_everywhere=False, **task.options)
+                      function_name="%%mpimap cell", **task.options)
     except Exception as exc:  # noqa: BLE001 - any setup failure must reach every rank, see run_mpi
         setup_error = exc
     try:
-        values = run_mpi(sweep, MPI.COMM_WORLD, setup_error=setup_error, token=token)
+        run_mpi(sweep, MPI.COMM_WORLD, setup_error=setup_error, token=token)
     except MPITaskerError as exc:
-        reply = EngineReply(rank, None, type(exc).__name__, str(exc), getattr(exc, "failures", {}))
+        reply = EngineReply(rank, False, type(exc).__name__, str(exc), getattr(exc, "failures", {}),
+                            getattr(exc, "total", 0))
     else:
-        reply = EngineReply(rank, values if rank == 0 else None)
+        reply = EngineReply(rank, True)
     finally:
         os.chdir(old_cwd)
         sys.path[:] = old_path
-    return cloudpickle.dumps(reply)  # results may hold instances of notebook classes: plain pickle fails there
+    return cloudpickle.dumps(reply)
 
 
 def submit(client, task):

@@ -16,6 +16,7 @@ from . import progress as progressmod
 from . import widget as widgetmod
 from .cache import RunCache
 from .errors import MPITaskerError, UsageError
+from .store import Results
 from .tasker import job_list
 
 log = logging.getLogger(__name__)
@@ -167,7 +168,10 @@ class MPIMapMagics(Magics):
         return argparse.Namespace(job=job, args=args, output=cache.output, options=options, out=opts.out,
                                   no_wait=opts.no_wait, profile=opts.profile, cluster_id=opts.cluster_id)
 
-    def _assign(self, plan, values, started, where):
+    def _assign(self, plan, started, where):
+        """The results, read from the store on this machine's file system when they are used (never shipped
+        back through the engines)."""
+        values = Results(plan.output, plan.args, kind="values")
         if plan.out:
             self.shell.user_ns[plan.out] = values
         print(f"mpimap: {len(values)} results in {plan.output} ({where}, {time.time() - started:.2f} s)"
@@ -185,16 +189,16 @@ class MPIMapMagics(Magics):
 
         view = self._view(plan)
         sweep = Sweep(plan.job.function(), plan.args, plan.output, fingerprint=plan.job.fingerprint,
-                      function_name="%%mpimap cell", remember_code=True, monitor=_ThrottledMonitor(view),
+                      function_name="%%mpimap cell", monitor=_ThrottledMonitor(view),
                       **plan.options)
         started = time.time()
         if plan.no_wait:
             executor = ThreadPoolExecutor(1)
             future = executor.submit(run_serial, sweep)
             executor.shutdown(wait=False)
-            return MapRun(future, lambda f: self._assign(plan, f.result(), started, "serially"), plan.output)
-        values = run_serial(sweep)
-        self._assign(plan, values, started, "serially")
+            return MapRun(future, lambda f: f.result() or self._assign(plan, started, "serially"), plan.output)
+        run_serial(sweep)
+        values = self._assign(plan, started, "serially")
         return None if plan.out else values
 
     def _run_on(self, client, plan):
@@ -207,9 +211,9 @@ class MPIMapMagics(Magics):
 
         def finish(done):
             reply = clustermod.collect(done, plan.output)
-            if reply.values is None:
+            if not reply.ok:
                 _raise_reply(reply)
-            return self._assign(plan, reply.values, started, where)
+            return self._assign(plan, started, where)
 
         if plan.no_wait:
             follower = widgetmod.Follower(plan.output, view, background=True, since=started)
@@ -383,7 +387,7 @@ def _raise_reply(reply):
     if not (isinstance(kind, type) and issubclass(kind, MPITaskerError)):
         kind = MPITaskerError
     if kind is errors.JobsFailed:
-        raise errors.JobsFailed(reply.message, reply.failures)
+        raise errors.JobsFailed(reply.message, reply.failures, total=reply.total)
     raise kind(reply.message)
 
 

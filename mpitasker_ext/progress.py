@@ -14,6 +14,7 @@ import time
 from dataclasses import asdict, dataclass, field
 
 from . import cache as cachemod
+from . import store as storemod
 
 STALE_AFTER = 10.0  # seconds without a heartbeat (status or lock, each every 2 s) before a remote writer is gone
 
@@ -159,7 +160,8 @@ def _writer_gone(run, status, now):
 
 
 class _RecordCount:
-    """Counts from the journals, recomputed only when a journal's size or mtime changed."""
+    """Counts from the journals by argument digest (headers and checksums only: no payload is held or
+    unpickled), recomputed only when a journal's size or mtime changed."""
 
     def __init__(self):
         self._key = None
@@ -175,14 +177,8 @@ class _RecordCount:
                 continue
             key.append((path, st.st_size, st.st_mtime_ns))
         if key != self._key:
-            done, failed = set(), {}
-            for rec in run.read_records():
-                if rec.ok:
-                    done.add(rec.index)
-                    failed.pop(rec.index, None)
-                elif rec.index not in done:
-                    failed[rec.index] = rec
-            self._key, self._value = key, (done, failed)
+            scan = storemod.scan_journals([path for path, _size, _mtime in key])
+            self._key, self._value = key, (len(scan.ok), scan.failed)
         return self._value
 
 
@@ -215,15 +211,15 @@ def _from_records(run, status, now, note):
     done, failed = _counts.setdefault(run.run_dir, _RecordCount()).get(run)
     manifest = run.read_manifest() or {}
     progress = from_status(status, now) if status else Progress(run.output, STALE)
-    total = progress.total or _int(manifest, "njobs") or len(done | set(failed))
+    total = progress.total or _int(manifest, "njobs") or done + len(failed)
     progress.output, progress.total, progress.note = run.output, total, note
-    progress.done, progress.failed, progress.running = len(done), len(failed), 0
+    progress.done, progress.failed, progress.running = done, len(failed), 0
     progress.computed = max(progress.done - progress.cached, 0)
     progress.pending = max(total - progress.done - progress.failed, 0)
     progress.state, progress.eta = STALE, None
     progress.ranks = [RankState(r.rank, None, 0, r.done, r.failed) for r in progress.ranks]
     if not progress.failures:
-        progress.failures = [_failure_of(rec) for _, rec in sorted(failed.items())[:20]]
+        progress.failures = [_failure_of(rec) for rec in sorted(failed.values(), key=lambda r: r.index)[:20]]
     return progress
 
 

@@ -2,25 +2,26 @@
 
 Every rank already holds the function and the arguments (they run the same script, or received the same closure),
 so messages carry only indices and counts. Idle ranks poll with Iprobe and a short sleep instead of blocking:
-a blocking receive in MPICH burns most of a core, which on a laptop is the core a worker needed.
-Imports neither IPython nor ipyparallel.
+a blocking receive in MPICH burns most of a core, which on a laptop is the core a worker needed. What is reused
+and how a run ends live in ``reuse``; running one job in ``execution``. Imports neither IPython nor ipyparallel.
 """
 
-import contextlib
 import logging
 import math
 import os
-import signal
 import socket
-import threading
 import time
-import traceback
 from collections import deque
-from dataclasses import dataclass, field
 
 from . import cache as cachemod
 from . import errors
-from .errors import CodeChanged, JobsFailed, MPITaskerError, UsageError
+from .errors import MPITaskerError
+from .execution import MAX_TRACEBACK, run_batch, safe_str
+from .reuse import disk_error, finish, prepare
+from .sweep import CODE_CHANGE_POLICIES, Outcome, Sweep
+
+__all__ = ["Backoff", "Ledger", "Sweep", "Outcome", "CODE_CHANGE_POLICIES", "run_serial", "run_mpi", "batch_size",
+           "MAX_TRACEBACK"]
 
 log = logging.getLogger(__name__)
 
@@ -30,11 +31,7 @@ HEARTBEAT_INTERVAL = 2.0
 TARGET_BATCH_SECONDS = 0.02
 PREFETCH_BELOW_SECONDS = 0.05
 SHOWN_FAILURES = 20
-MAX_TRACEBACK = 4000  # shown in the status file and reports
-MAX_TRACEBACK_STORED = 64_000  # kept in a failure record
-CODE_CHANGE_POLICIES = ("warn", "reuse", "recompute", "error")
 _unfinished_sends = []  # isend requests must outlive the call that made them
-_timeout_warned = []
 
 
 class Backoff:
@@ -66,190 +63,6 @@ class Backoff:
             elif now - self._idle_since > self.relax_after:
                 cap = self.tmax_idle
         self.tval = min(cap, max(self.tmin, self.tval * 2))
-
-
-@dataclass
-class Sweep:
-    """Everything a rank needs to take part in one map: identical on every rank."""
-
-    fn: object
-    args: list
-    output: str
-    retries: int = 0
-    force: bool = False
-    on_code_change: str = "warn"
-    chunksize: int | None = None
-    verbose: bool = False
-    fingerprint: str = ""
-    function_name: str = ""
-    remember_code: bool = False  # check the code fingerprint kept beside the output (the notebook's rule)
-    timeout: float | None = None  # seconds a job may run before it is stopped and recorded as failed
-    values_everywhere: bool = True  # every rank returns the values (scripts); else only rank 0 (engines)
-    monitor: object = None  # called on rank 0 with each status dict written (a text progress view, say)
-
-    def __post_init__(self):
-        if self.on_code_change not in CODE_CHANGE_POLICIES:
-            raise UsageError(f"on_code_change={self.on_code_change!r} is not one of {CODE_CHANGE_POLICIES}")
-        if not isinstance(self.retries, int) or self.retries < 0:
-            raise UsageError(f"retries={self.retries!r} must be a whole number >= 0")
-        if self.chunksize is not None and (not isinstance(self.chunksize, int) or self.chunksize < 1):
-            raise UsageError(f"chunksize={self.chunksize!r} must be a whole number >= 1 (or None to adapt)")
-        if self.timeout is not None and (isinstance(self.timeout, bool) or not isinstance(self.timeout, (int, float))
-                                         or not 0 < self.timeout < 1e9):
-            raise UsageError(f"timeout={self.timeout!r} must be a number of seconds > 0 (or None for no limit)")
-        if not callable(self.fn):
-            raise UsageError(f"the job function must be callable, got {type(self.fn).__name__}")
-        if not self.function_name:
-            self.function_name = getattr(self.fn, "__qualname__", type(self.fn).__name__)
-
-
-@dataclass
-class Outcome:
-    """What rank 0 tells every rank at the end: values, or the error every rank raises."""
-
-    values: list | None = None
-    error_type: str = ""
-    message: str = ""
-    failures: dict = field(default_factory=dict)
-    total: int = 0
-    output: str = ""
-
-    @classmethod
-    def from_exception(cls, exc):
-        if isinstance(exc, errors.MPITaskerError):
-            return cls(error_type=type(exc).__name__, message=str(exc))
-        return cls(error_type="MPITaskerError", message=f"rank 0 could not run the map: {exc}")
-
-    def raise_error(self, on_root):
-        """Rank 0 shows the whole story; the other ranks a one-line version of the same error."""
-        if self.error_type == "JobsFailed":
-            message = self.message if on_root else self.message.split("\n", 1)[0] + " (rank 0 shows the traceback)"
-            raise JobsFailed(message, self.failures, total=self.total)
-        kind = getattr(errors, self.error_type, None)
-        if not (isinstance(kind, type) and issubclass(kind, errors.MPITaskerError)):
-            kind = errors.MPITaskerError
-        raise kind(self.message)
-
-
-# -- job execution (any rank) ----------------------------------------------------------------------------------
-
-class JobTimedOut(BaseException):
-    """Raised inside a job that ran past ``timeout``: a BaseException, so a job's own ``except Exception`` cannot
-    swallow it."""
-
-
-@contextlib.contextmanager
-def _time_limit(seconds):
-    """SIGALRM after ``seconds`` (main thread only: signals are delivered there). Interrupts Python code and
-    blocking calls; a single long call into C (one huge numpy operation) is interrupted when it returns."""
-    if not seconds:
-        yield
-        return
-    if threading.current_thread() is not threading.main_thread():
-        if not _timeout_warned:
-            _timeout_warned.append(True)
-            log.warning("timeout=%g is not applied: jobs run outside the main thread here (a --no-wait run "
-                        "in the kernel), where no signal can stop them", seconds)
-        yield
-        return
-
-    def expire(signum, frame):
-        raise JobTimedOut(f"the job ran longer than timeout={seconds:g} s and was stopped")
-
-    previous = signal.signal(signal.SIGALRM, expire)
-    signal.setitimer(signal.ITIMER_REAL, seconds)
-    try:
-        yield
-    finally:
-        signal.setitimer(signal.ITIMER_REAL, 0)
-        signal.signal(signal.SIGALRM, previous)
-
-
-def _safe_str(value):
-    """str() of a user object that may itself raise: describing a failure must never fail."""
-    try:
-        return str(value)
-    except KeyboardInterrupt:
-        raise
-    except BaseException as exc:  # noqa: BLE001 - a broken __str__ may raise anything; say so instead
-        return f"<{type(value).__name__}.__str__ raised {type(exc).__name__}>"
-
-
-def _describe_failure(index, arg, exc, skip_frames):
-    """The failure record of a job: a plain dict (error line, traceback text) that never unpickles anything."""
-    tb = exc.__traceback__
-    for _ in range(skip_frames):
-        tb = tb.tb_next if tb is not None and tb.tb_next is not None else tb
-    if isinstance(exc, SystemExit):
-        error = (f"SystemExit: the job called sys.exit({_safe_str(exc.code)}); raise an exception to report a "
-                 "failed job")
-    else:
-        error = f"{type(exc).__name__}: {_safe_str(exc)}"
-    try:
-        text = "".join(traceback.format_exception(type(exc), exc, tb))
-    except KeyboardInterrupt:
-        raise
-    except BaseException as fmt_exc:  # noqa: BLE001 - the error line above still describes the failure
-        text = f"{error}\n(the traceback could not be formatted: {type(fmt_exc).__name__})\n"
-    return {"index": index, "arg": _short_repr(arg), "error": error, "traceback": text[-MAX_TRACEBACK_STORED:]}
-
-
-def _short_repr(value, limit=200):
-    try:
-        text = repr(value)
-    except KeyboardInterrupt:
-        raise
-    except BaseException as exc:  # noqa: BLE001 - a user object's repr must not hide the real failure
-        text = f"<{type(value).__name__}: repr failed: {type(exc).__name__}>"
-    return text if len(text) <= limit else text[:limit] + "..."
-
-
-def execute_job(fn, index, arg, timeout=None):
-    """Run one job; return (pickled result or None, failure dict or None, seconds).
-
-    Whatever the job raises becomes its failure record, ``SystemExit`` included (a job calling ``sys.exit``
-    must not take its rank out of the run). Only ``KeyboardInterrupt`` passes: that is the user stopping the run.
-    """
-    start = time.perf_counter()
-    try:
-        with _time_limit(timeout):
-            value = fn(arg)
-    except KeyboardInterrupt:
-        raise
-    except BaseException as exc:  # noqa: BLE001 - whatever the job raises becomes its failure record
-        return None, _describe_failure(index, arg, exc, skip_frames=1), time.perf_counter() - start
-    try:
-        payload = cachemod.dumps(value)
-    except KeyboardInterrupt:
-        raise
-    except BaseException as exc:  # noqa: BLE001 - pickling a user object can raise any type
-        wrapped = TypeError(f"the result of type {type(value).__name__} cannot be pickled ({_safe_str(exc)}); "
-                            "return plain data (numbers, arrays, dicts) from the job")
-        return None, _describe_failure(index, arg, wrapped, skip_frames=0), time.perf_counter() - start
-    if len(payload) > cachemod.MAX_RECORD - 64:
-        too_large = cachemod.RecordTooLarge(len(payload))
-        return None, _describe_failure(index, arg, too_large, skip_frames=0), time.perf_counter() - start
-    return payload, None, time.perf_counter() - start
-
-
-def _run_batch(sweep, indices, journal, rank):
-    """Run a batch and journal each job as it ends; return (ok count, failures {index: error line}, seconds)."""
-    args, fn = sweep.args, sweep.fn
-    start = time.perf_counter()
-    ok_count, failures = 0, {}
-    journal.start_batch(indices)
-    for index in indices:
-        arg = args[index]
-        payload, failure, seconds = execute_job(fn, index, arg, sweep.timeout)
-        if failure is None:
-            journal.append(index, True, cachemod.args_digest(arg), seconds, payload)
-            ok_count += 1
-        else:
-            journal.append(index, False, cachemod.args_digest(arg), seconds, cachemod.encode_failure(failure))
-            failures[index] = (failure["error"], failure["traceback"][-MAX_TRACEBACK:])
-        if sweep.verbose:
-            log.info("rank %d: job %d %s in %.3f s", rank, index, "done" if failure is None else "FAILED", seconds)
-    return ok_count, failures, time.perf_counter() - start
 
 
 # -- rank-0 bookkeeping shared by the serial and the MPI paths ---------------------------------------------------
@@ -356,274 +169,12 @@ class Ledger:
                      self.cached, status["failed"], status["rate"])
 
 
-@dataclass
-class _Prepared:
-    cache: cachemod.RunCache
-    digests: list
-    pending: list = field(default_factory=list)
-    cached: int = 0
-    values: list | None = None
-
-
-def _digest(prepared_digests, args, index):
-    d = prepared_digests[index]
-    if d is None:
-        d = prepared_digests[index] = cachemod.args_digest(args[index])
-    return d
-
-
-def prepare(sweep):
-    """Rank 0 before any work: reuse the output or the run directory, and list the jobs still to run.
-
-    A started run (its directory holds a manifest or journals) wins over an older output: the output may come
-    from other code or arguments, and an interrupted run must resume from its own records, never return the
-    output it was replacing.
-    """
-    cache = cachemod.RunCache(sweep.output)
-    cache.check_output_path()
-    cachemod.check_picklable(sweep.args)
-    if not sweep.fingerprint:
-        sweep.fingerprint = cachemod.code_fingerprint(sweep.fn)
-    n = len(sweep.args)
-    digests = [None] * n
-    prepared = _Prepared(cache, digests)
-    force = sweep.force
-    reusable = {}
-    if not force and not _run_started(cache):
-        existing = cache.read_output()
-        if existing is not None and sweep.remember_code and not _output_code_usable(sweep, cache):
-            existing, force = None, True
-        if existing is not None:
-            for index, arg_list, value in existing:
-                if isinstance(index, int) and 0 <= index < n and \
-                        cachemod.args_digest(arg_list[0]) == _digest(digests, sweep.args, index):
-                    reusable[index] = value
-            if len(reusable) == n and len(existing) == n:
-                log.info("%s exists with the same %d arguments; returning it", cache.output, n)
-                prepared.values = [reusable[i] for i in range(n)]
-                return prepared
-            log.warning("%s exists but %d of its %d jobs have other arguments than now; reusing the %d that "
-                        "match and computing the rest", cache.output, n - len(reusable), n, len(reusable))
-    cache.create()
-    cache.acquire_lock()
-    try:
-        if force:
-            _discard_everything(cache)
-        elif _run_started(cache):                # started by another process since we looked: its records win
-            reusable = {}
-            _check_manifest(sweep, cache)
-        _write_manifest(sweep, cache)
-        if reusable:                             # copied once: a rerun of this started run ignores the output
-            journal = cache.new_journal(0)
-            try:
-                for index, value in reusable.items():
-                    journal.append(index, True, digests[index], 0.0, cachemod.dumps(value))
-            finally:
-                journal.close()
-            reusable = None
-        done, changed, interrupted = set(), 0, []
-        for info, records in cache.read_journals():
-            for rec in records:
-                if rec.ok and rec.index < n and rec.index not in done:
-                    if rec.digest != _digest(digests, sweep.args, rec.index):
-                        changed += 1
-                    elif _loadable(rec):
-                        done.add(rec.index)
-            if info.in_flight is not None:             # known once its records are read
-                interrupted.append(info)
-        _report_interrupted([info for info in interrupted if info.in_flight not in done], sweep.args)
-        if changed:
-            log.warning("%d cached records were made for other arguments than now; recomputing those jobs", changed)
-        prepared.cached = len(done)
-        prepared.pending = [i for i in range(n) if i not in done]
-    except BaseException:
-        cache.release_lock()
-        raise
-    return prepared
-
-
-def _run_started(cache):
-    """A run began here and did not finish: it wrote its manifest (or, before format 1's manifest, journals)."""
-    return os.path.exists(cache.path(cachemod.MANIFEST)) or bool(cache.journal_paths())
-
-
-def _discard_everything(cache):
-    """``force``: the journals and the old output go before any new work, so nothing of them can come back."""
-    if cache.journal_paths() or os.path.exists(cache.output):
-        log.warning("force: discarding the cached records in %s and the output %s", cache.run_dir, cache.output)
-    cache.discard_records()
-    for path in (cache.output, cache.meta_path):
-        try:
-            os.unlink(path)
-        except FileNotFoundError:
-            pass
-        except OSError as exc:
-            raise disk_error(cache, "remove the old output of", exc) from exc
-
-
-def _report_interrupted(interrupted, args):
-    """Say which jobs were running when earlier runs died: the one that kills its process is among them."""
-    if not interrupted:
-        return
-    shown = ", ".join(f"job {i.in_flight} (rank {i.rank}, pid {i.pid} on {i.host})" for i in interrupted[-8:])
-    log.warning("an earlier run stopped while these jobs were running: %s; they run again now", shown)
-    deaths = {}
-    for info in interrupted:
-        deaths[info.in_flight] = deaths.get(info.in_flight, 0) + 1
-    for index, count in sorted(deaths.items()):
-        if count >= 2 and index < len(args):
-            log.warning("job %d was running each of the %d times a process of this sweep died: it probably kills "
-                        "its own process (os._exit, a segfault, running out of memory). Its argument is %s; try "
-                        "it alone with fn(args[%d]).", index, count, _short_repr(args[index]), index)
-
-
-def _loadable(rec):
-    """A record whose result no longer unpickles (a renamed class, say) is recomputed, not a crash at the end."""
-    try:
-        rec.value()
-    except Exception as exc:  # noqa: BLE001 - unpickling can raise any type
-        log.warning("the cached result of job %d cannot be loaded (%s: %s); recomputing it", rec.index,
-                    type(exc).__name__, exc)
-        return False
-    return True
-
-
-def _code_change(sweep, what):
-    """Apply the on_code_change policy; True when cached results may be used."""
-    policy = sweep.on_code_change
-    if policy == "error":
-        raise CodeChanged(f"{what}. Choose: recompute everything (force / --force) or keep the cached "
-                          "results (reuse / --reuse).")
-    if policy == "recompute":
-        log.warning("%s; recomputing, as asked (on_code_change='recompute')", what)
-        return False
-    if policy == "warn":
-        log.warning("%s; reusing the cached results. Pass force=True (or delete them) to recompute.", what)
-    return True
-
-
-def _output_code_usable(sweep, cache):
-    meta = cache.read_meta()
-    if meta is None or meta.get("code") == sweep.fingerprint:
-        return True
-    return _code_change(sweep, f"the code that made {cache.output} differs from the code now")
-
-
-def _check_manifest(sweep, cache):
-    """A started run's records are usable for this sweep: format and code checked (the code-change policy)."""
-    manifest = cache.read_manifest()
-    if manifest is None and cache.journal_paths():
-        log.warning("%s has records but no readable manifest; records are still checked job by job",
-                    cache.run_dir)
-    elif manifest is not None and manifest.get("format") != cachemod.FORMAT_VERSION:
-        log.warning("%s was written by cache format %s, this is format %d; its records will be recomputed",
-                    cache.run_dir, manifest.get("format"), cachemod.FORMAT_VERSION)
-    elif manifest is not None and manifest.get("code") != sweep.fingerprint and cache.journal_paths():
-        what = (f"the job function's code changed since {cache.run_dir} was written "
-                f"(function {manifest.get('function')!r} then, {sweep.function_name!r} now)")
-        if not _code_change(sweep, what):
-            cache.discard_records()
-
-
-def _write_manifest(sweep, cache):
-    try:
-        cache.write_manifest(len(sweep.args), sweep.fingerprint, sweep.function_name)
-    except OSError as exc:
-        raise disk_error(cache, "write the manifest of", exc) from exc
-
-
-def finish(sweep, prepared, ledger):
-    """Rank 0 after all work: collect every record, write the output and remove the run directory.
-
-    Each job's first record that matches its argument and loads is used; a record that no longer unpickles is
-    passed over for the next one, whatever order the journals' names sort in.
-    """
-    cache, args, n = prepared.cache, sweep.args, len(sweep.args)
-    values, failed, mismatched, unloadable = {}, {}, set(), {}
-    for rec in cache.read_records():
-        index = rec.index
-        if index >= n or index in values:
-            continue
-        if rec.digest != _digest(prepared.digests, args, index):
-            mismatched.add(index)
-        elif rec.ok:
-            try:
-                values[index] = rec.value()
-            except Exception as exc:  # noqa: BLE001 - unpickling can raise any type; another record may load
-                unloadable[index] = f"{type(exc).__name__}: {exc}"
-                continue
-            failed.pop(index, None)
-            unloadable.pop(index, None)
-        elif index not in failed:
-            failed[index] = rec.failure()
-    for index, error in unloadable.items():
-        if index not in values and index not in failed:
-            failed[index] = {"index": index, "arg": _short_repr(args[index]), "traceback": "",
-                             "error": f"its result was computed but cannot be loaded on rank 0 ({error}); "
-                                      "return plain data, or classes importable on every rank"}
-    missing = [i for i in range(n) if i not in values and i not in failed]
-    if failed or missing:
-        ledger.maybe_write("failed", force=True)
-        cache.release_lock()
-        if failed:
-            return _failure_outcome(sweep, cache, failed, n)
-        if mismatched.intersection(missing):
-            return Outcome(error_type="UsageError", message=(
-                f"the arguments of {len(missing)} jobs (e.g. job {missing[0]}) differ between ranks: every "
-                "rank must build the same list of arguments (seed random generators; do not depend on the "
-                "rank or the time). Finished records are kept in " + cache.run_dir))
-        return Outcome(error_type="WorkerError", message=(
-            f"{len(missing)} jobs (e.g. {missing[:10]}) have no record although they were scheduled; a "
-            f"worker may have lost its journal. Rerun to compute them; finished work is kept in {cache.run_dir}"))
-    values = [values[i] for i in range(n)]
-    try:
-        cache.write_output([(i, [args[i]], values[i]) for i in range(n)])
-    except OSError as exc:
-        ledger.maybe_write("error", force=True)
-        cache.release_lock()
-        return Outcome.from_exception(disk_error(cache, "write the output of", exc))
-    try:
-        # beside every output: its job count and last status for progress views (which never unpickle the
-        # output), and its code fingerprint for the notebook's code-change rule
-        cache.write_meta(n, sweep.fingerprint, sweep.function_name, ledger.status("finished"))
-        cache.remove()
-    except OSError as exc:
-        log.warning("the output %s is complete, but cleaning up %s failed (%s); delete it by hand",
-                    cache.output, cache.run_dir, exc)
-    finally:
-        cache.release_lock()                     # after the removal: nobody may start in a directory we delete
-    ledger.notify_final("finished")
-    return Outcome(values=values)
-
-
-def _failure_outcome(sweep, cache, failed, n):
-    indices = sorted(failed)
-    first = failed[indices[0]]
-    shown = ", ".join(map(str, indices[:50])) + (" ..." if len(indices) > 50 else "")
-    message = (f"{len(indices)} of {n} jobs failed: indices {shown}\n"
-               f"First failure, job {indices[0]} with argument {first['arg']}: {first['error']}\n"
-               f"{first['traceback']}"
-               f"The {n - len(indices)} finished jobs are cached in {cache.run_dir}; fix the cause and rerun to "
-               "compute only the failed jobs (or pass retries=N to try them again in the same run).")
-    failures = {i: failed[i]["traceback"] or failed[i]["error"] for i in indices[:1000]}
-    return Outcome(error_type="JobsFailed", message=message, failures=failures, total=n)
-
-
 # -- serial path -------------------------------------------------------------------------------------------------
 
-def disk_error(cache, what, exc):
-    """An I/O failure as users need to read it: what failed, why, and that finished work is safe."""
-    return errors.CacheError(
-        f"cannot {what} {cache.output}: {exc.strerror or exc} ({getattr(exc, 'filename', '') or cache.run_dir}). "
-        f"Every finished job is kept in {cache.run_dir}; fix the cause (free disk space, permissions) and rerun: "
-        "finished jobs are not computed again.")
-
-
 def run_serial(sweep):
-    """All jobs in this process, with the same cache, resume and failure rules as the MPI path."""
+    """All jobs in this process, with the same store, resume and failure rules as the MPI path. The results
+    stay on disk: read them with ``store.Results``."""
     prepared = prepare(sweep)
-    if prepared.values is not None:
-        return prepared.values
     ledger = Ledger(prepared.cache, len(sweep.args), prepared.cached, 0, sweep.monitor)
     log.info("%d jobs: %d cached, %d to run serially", len(sweep.args), prepared.cached, len(prepared.pending))
     try:
@@ -635,7 +186,7 @@ def run_serial(sweep):
                 index = queue.popleft()
                 ledger.set_current(0, [index])
                 try:
-                    ok_count, failures, _ = _run_batch(sweep, [index], journal, 0)
+                    ok_count, failures, _ = run_batch(sweep, [index], journal, 0)
                 except OSError as exc:
                     raise disk_error(prepared.cache, "journal a job of", exc) from exc
                 ledger.set_current(0, None)
@@ -649,15 +200,15 @@ def run_serial(sweep):
         _record_stop(ledger, exc)
         prepared.cache.release_lock()
         raise
-    if outcome.values is None:
+    if not outcome.ok:
         outcome.raise_error(on_root=True)
-    return outcome.values
 
 
 # -- MPI path ----------------------------------------------------------------------------------------------------
 
 def run_mpi(sweep, comm, setup_error=None, token=0):
-    """Every rank calls this with the same sweep; every rank gets the same values (or the same error).
+    """Every rank calls this with the same sweep; on every rank it returns when the results are in the store
+    (read them with ``store.Results``), or raises the same error.
 
     ``setup_error``: this rank could not build its sweep (an engine missing a module, say); it still takes part
     until every rank knows, so no rank waits forever for it. ``token`` names the run: ranks that received
@@ -674,9 +225,8 @@ def run_mpi(sweep, comm, setup_error=None, token=0):
     role = _root if run_comm.rank == 0 else _worker
     outcome = role(sweep, run_comm, MPI)
     run_comm.Free()
-    if outcome.values is None:
+    if not outcome.ok:
         outcome.raise_error(on_root=comm.rank == 0)
-    return outcome.values
 
 
 def _agree_to_start(comm, MPI, setup_error, token):
@@ -697,7 +247,7 @@ def _agree_to_start(comm, MPI, setup_error, token):
         return
     described = None
     if setup_error is not None:
-        described = f"{type(setup_error).__name__}: {_safe_str(setup_error)}"
+        described = f"{type(setup_error).__name__}: {safe_str(setup_error)}"
     if comm.rank == failed_rank and comm.rank != 0:
         poll_wait([comm.isend((socket.gethostname(), described), dest=0, tag=TAG_SETUP)])
     elif comm.rank == 0 and failed_rank != 0:
@@ -740,45 +290,12 @@ def poll_wait(requests):
             backoff.sleep()
 
 
-def _output_identity(path):
-    """What tells the workers they read the very file rank 0 wrote (not a later run's, not a stale cached view)."""
-    st = os.stat(path)
-    return (st.st_ino, st.st_size, st.st_mtime_ns)
-
-
 def _send_final(comm, outcome, skip=()):
-    """Tell every worker how the run ended. Values never travel: a worker that needs them reads the output
-    file (the run directory already lives on a file system every rank sees), so no rank holds a second copy
-    in flight, and an out-of-memory on one rank cannot leave the others waiting in a collective."""
-    identity = None
-    if outcome.values is not None:
-        try:
-            identity = _output_identity(outcome.output)
-        except OSError as exc:
-            outcome = Outcome(error_type="CacheError", message=(
-                f"the output {outcome.output} was written but cannot be read back ({exc.strerror}); rerun to "
-                "load it"))
-    header = Outcome(None, outcome.error_type, outcome.message, outcome.failures, outcome.total, outcome.output)
-    poll_wait([comm.isend((header, identity), dest=w, tag=TAG_FINAL) for w in range(1, comm.size) if w not in skip])
+    """Tell every worker how the run ended. Results never travel over MPI: they are in the store, on a file
+    system every rank sees (as the run directory already is), and each rank reads what it uses when it uses it;
+    no collective follows, so one rank running out of memory cannot leave the others waiting."""
+    poll_wait([comm.isend(outcome, dest=w, tag=TAG_FINAL) for w in range(1, comm.size) if w not in skip])
     return outcome
-
-
-def _read_values(sweep, output, identity, attempts=50):
-    """A worker's copy of the results, from the output file rank 0 just wrote (checked to be that file)."""
-    cache = cachemod.RunCache(output)
-    for _attempt in range(attempts):
-        try:
-            if _output_identity(cache.output) == identity:
-                triples = cache.read_output()
-                if triples is not None and len(triples) == len(sweep.args) and \
-                        all(t[0] == i for i, t in enumerate(triples)):
-                    return [t[2] for t in triples]
-        except FileNotFoundError:
-            pass                                  # a network file system may show the new file a moment later
-        time.sleep(0.1)
-    raise errors.CacheError(
-        f"rank 0 wrote {cache.output}, but this rank cannot read that file (missing, replaced or different): "
-        "every rank must see the output's directory. Load the results with pickle on rank 0, or rerun.")
 
 
 def _root(sweep, comm, MPI):
@@ -787,8 +304,6 @@ def _root(sweep, comm, MPI):
     except BaseException as exc:
         _send_final(comm, Outcome.from_exception(exc))
         raise
-    if prepared.values is not None:
-        return _send_final(comm, Outcome(values=prepared.values, output=prepared.cache.output))
     ledger = Ledger(prepared.cache, len(sweep.args), prepared.cached, comm.size - 1, sweep.monitor)
     log.info("%d jobs: %d cached, %d to run on %d workers", len(sweep.args), prepared.cached,
              len(prepared.pending), comm.size - 1)
@@ -796,7 +311,7 @@ def _root(sweep, comm, MPI):
     try:
         ledger.maybe_write(force=True)
         fatal = _dispatch(sweep, comm, MPI, prepared.pending, ledger, gone)
-        _stop_workers(comm, MPI, gone)
+        fatal = _stop_workers(comm, MPI, gone) or fatal
         if fatal:
             ledger.maybe_write("failed", force=True)
             prepared.cache.release_lock()
@@ -804,7 +319,6 @@ def _root(sweep, comm, MPI):
                 f"{fatal}\nThe finished jobs are kept in {prepared.cache.run_dir}; fix the cause and rerun."))
         else:
             outcome = finish(sweep, prepared, ledger)
-            outcome.output = prepared.cache.output
         return _send_final(comm, outcome, skip=gone)
     except BaseException as exc:
         _record_stop(ledger, exc)
@@ -829,7 +343,7 @@ def _abort_workers(comm, exc, gone=()):
         if w in gone:
             continue
         try:
-            _unfinished_sends.append(comm.isend((header, None), dest=w, tag=TAG_FINAL))
+            _unfinished_sends.append(comm.isend(header, dest=w, tag=TAG_FINAL))
         except Exception as send_exc:  # noqa: BLE001 - best effort while already failing
             log.debug("could not tell rank %d to stop: %s", w, send_exc)
 
@@ -908,22 +422,31 @@ def _dispatch(sweep, comm, MPI, pending, ledger, gone):
     return fatal
 
 
-def _stop_workers(comm, MPI, gone=()):
-    """Workers close (and fsync) their journals before rank 0 reads them: safe on shared file systems."""
-    waiting = set(range(1, comm.size)) - set(gone)
+def _stop_workers(comm, MPI, gone):
+    """Workers close (and fsync) their journals before rank 0 reads them: safe on shared file systems. Returns
+    what went wrong on a worker meanwhile ('' if nothing); a worker that leaves is added to ``gone``."""
+    waiting = set(range(1, comm.size)) - gone
     for w in waiting:
         comm.send(None, dest=w, tag=TAG_STOP)
     backoff = Backoff()
     status = MPI.Status()
+    fatal = ""
     while waiting:
         if comm.Iprobe(source=MPI.ANY_SOURCE, tag=MPI.ANY_TAG, status=status):
             source, tag = status.Get_source(), status.Get_tag()
             message = comm.recv(source=source, tag=tag)
-            if tag == TAG_STOPPED or (tag == TAG_FATAL and message[2]):
+            if tag == TAG_FATAL:
+                host, what, left = message
+                fatal = fatal or f"rank {source} on {host} failed while stopping: {what}"
+                if left:
+                    gone.add(source)
+                    waiting.discard(source)
+            elif tag == TAG_STOPPED:
                 waiting.discard(source)
             backoff.reset()
         else:
             backoff.sleep()
+    return fatal
 
 
 def _send_polled(comm, MPI, obj, tag):
@@ -942,10 +465,11 @@ def _send_polled(comm, MPI, obj, tag):
 def _worker(sweep, comm, MPI):
     try:
         return _worker_loop(sweep, comm, MPI)
-    except KeyboardInterrupt:
-        # a real interrupt of this rank: rank 0 must not wait for it any more
-        _unfinished_sends.append(comm.isend((socket.gethostname(), "interrupted (KeyboardInterrupt)", True),
-                                            dest=0, tag=TAG_FATAL))
+    except BaseException as exc:
+        # this rank leaves the run (a real interrupt, or a failure outside any job): rank 0 must not wait for it
+        what = "interrupted (KeyboardInterrupt)" if isinstance(exc, KeyboardInterrupt) else \
+            f"{type(exc).__name__}: {safe_str(exc)}"
+        _unfinished_sends.append(comm.isend((socket.gethostname(), what, True), dest=0, tag=TAG_FATAL))
         raise
 
 
@@ -970,7 +494,7 @@ def _worker_loop(sweep, comm, MPI):
                 try:
                     if journal is None:
                         journal = cache.new_journal(comm.rank)
-                    report = _run_batch(sweep, message, journal, comm.rank)
+                    report = run_batch(sweep, message, journal, comm.rank)
                 except Exception as exc:  # noqa: BLE001 - rank 0 must hear of any failure here, or it waits forever
                     broken = True
                     log.error("rank %d cannot continue: %s: %s", comm.rank, type(exc).__name__, exc)
@@ -980,18 +504,18 @@ def _worker_loop(sweep, comm, MPI):
                     final = _send_polled(comm, MPI, report, TAG_REPORT)
             elif tag == TAG_STOP:
                 if journal is not None:
-                    journal.close()
-                    journal = None
-                final = _send_polled(comm, MPI, None, TAG_STOPPED)
+                    closing, journal = journal, None
+                    try:
+                        closing.close()
+                    except OSError as exc:       # the last records may not be on disk: rank 0 must say so
+                        log.error("rank %d cannot close its journal: %s", comm.rank, exc)
+                        what = f"cannot close its journal {closing.path}: {exc}"
+                        final = _send_polled(comm, MPI, (socket.gethostname(), what, False), TAG_FATAL)
+                final = final or _send_polled(comm, MPI, None, TAG_STOPPED)
             elif tag == TAG_FINAL:
                 final = message
             if final is not None:
-                header, identity = final
-                if identity is not None and sweep.values_everywhere:
-                    header.values = _read_values(sweep, header.output, identity)
-                elif identity is not None:
-                    header.values = []
-                return header
+                return final
     finally:
         if journal is not None:
             journal.close()

@@ -8,6 +8,7 @@ import sys
 
 from .errors import MPITaskerError, UsageError
 from .scheduler import Sweep, run_mpi, run_serial
+from .store import Results
 
 log = logging.getLogger(__name__)
 
@@ -110,22 +111,60 @@ def _monitor(progress, rank):
     return StatusMonitor()
 
 
-def run_sweep(sweep, comm):
+def run_sweep(sweep, comm, kind, in_memory=False):
+    """Run the sweep, then hand back its results from the store: lazily (a sequence that reads a result when it
+    is accessed), or as a list when ``in_memory``."""
     if comm is None or comm.size == 1:
-        return run_serial(sweep)
-    return run_mpi(sweep, comm)
+        run_serial(sweep)
+    else:
+        run_mpi(sweep, comm)
+    results = Results(os.path.abspath(sweep.output), sweep.args, kind=kind)
+    return results.to_list() if in_memory else results
+
+
+_COMMON_PARAMETERS = """
+    retries : int
+        Run a failing job up to this many more times in the same run (default 0).
+    force : bool
+        Discard every stored result and the output, and compute everything again.
+    chunksize : int or None
+        Jobs per message; None (default) adapts the batch to the measured job time.
+    on_code_change : {'warn', 'reuse', 'recompute', 'error'}
+        What to do when the job's code differs from the code that made the stored results: reuse them and log
+        a warning (default), reuse them silently, discard them, or raise ``CodeChanged``.
+    timeout : float or None
+        Seconds a job may run; a job that runs longer is stopped and recorded as failed (main thread only).
+    prune : bool
+        After success, drop stored results whose argument is not in this grid (by default every result
+        computed for this output is kept, so a grid narrowed and widened again recomputes nothing).
+    in_memory : bool
+        Return a list holding every result instead of the lazy sequence that reads each result from disk when
+        it is accessed."""
 
 
 class Tasker:
     """Drop-in for the blog post's Tasker: same ``map`` call, same output file, but errors are never swallowed
     and every rank gets the results.
 
-    ``map(filename, fn, args)`` runs ``fn(arg)`` for each arg on ranks 1..N-1 (rank 0 schedules), caches each
-    finished job under ``filename + '.mpi'``, and returns ``[(index, [arg], result), ...]`` on every rank.
+    ``map(filename, fn, args)`` runs ``fn(arg)`` for each arg on ranks 1..N-1 (rank 0 schedules), keeps each
+    finished result in ``filename + '.cache/'`` (the run's journals live in ``filename + '.mpi/'`` while it
+    runs) and returns ``(index, [arg], result)`` triples on every rank.
+
+    Parameters
+    ----------
+    method : str
+        ``'MPI'`` (default) to use ``MPI.COMM_WORLD`` when mpi4py is there; anything else runs serially.
+    comm : mpi4py communicator, optional
+        Run on this communicator instead of ``COMM_WORLD``.
+    verbose : bool
+        A log line per job on stderr, tagged with the rank.
+    progress : bool
+        A progress line on rank 0's stderr (default True).
+""" + _COMMON_PARAMETERS + """
     """
 
     def __init__(self, method="MPI", *, comm=None, verbose=False, retries=0, on_code_change="warn",
-                 chunksize=None, progress=True, timeout=None):
+                 chunksize=None, progress=True, timeout=None, prune=False, in_memory=False):
         self.comm = comm if comm is not None else world_communicator(method)
         if self.comm is None:
             self.rank, self.size = 0, 1
@@ -138,6 +177,8 @@ class Tasker:
         self.chunksize = chunksize
         self.progress = progress
         self.timeout = timeout
+        self.prune = prune
+        self.in_memory = in_memory
         if verbose:
             enable_verbose_logging(self.rank)
 
@@ -154,24 +195,63 @@ class Tasker:
         return False
 
     def map(self, filename, fn, args, *, force=False, retries=None, chunksize=None, on_code_change=None,
-            timeout=None):
-        """Run every job not already cached; return ``(index, [arg], result)`` triples on every rank."""
+            timeout=None, prune=None, in_memory=None):
+        """Run every job whose result is not stored yet; return ``(index, [arg], result)`` triples on every rank.
+
+        Parameters
+        ----------
+        filename : str or path
+            The output file: the blog post's format, ``([(index, [arg], result), ...],)``.
+        fn : callable
+            The job, called as ``fn(arg)``.
+        args : iterable
+            One job per item; every rank must build the same items.
+        Other parameters override the Tasker's.
+
+        Returns
+        -------
+        Results
+            A read-only sequence of triples that reads each result from disk when it is accessed (a list with
+            ``in_memory=True``).
+        """
         jobs = job_list(args)
-        sweep = Sweep(fn, jobs, filename,
+        sweep = Sweep(fn, jobs, os.fspath(filename),
                       retries=self.retries if retries is None else retries, force=force,
                       on_code_change=on_code_change or self.on_code_change,
                       chunksize=self.chunksize if chunksize is None else chunksize, verbose=self.verbose,
                       timeout=self.timeout if timeout is None else timeout,
+                      prune=self.prune if prune is None else prune,
                       monitor=_monitor(self.progress, self.rank))
-        values = run_sweep(sweep, self.comm)
-        return [(i, [arg], value) for i, (arg, value) in enumerate(zip(jobs, values, strict=True))]
+        return run_sweep(sweep, self.comm, "triples", self.in_memory if in_memory is None else in_memory)
 
 
 def mpimap(fn, iterable, cache, *, comm=None, retries=0, force=False, chunksize=None, verbose=False,
-           on_code_change="warn", progress=True, timeout=None):
-    """``[fn(x) for x in iterable]`` over MPI ranks, memoised in ``cache`` (an output file path).
+           on_code_change="warn", progress=True, timeout=None, prune=False, in_memory=False):
+    """``[fn(x) for x in iterable]`` over MPI ranks, each result stored under ``cache`` as it finishes.
 
-    Run the same script on every rank (``mpiexec -n 4 python script.py``); every rank gets the list.
+    Run the same script on every rank (``mpiexec -n 4 python script.py``); every rank gets the results. A rerun
+    computes only the arguments without a stored result, wherever they appear in the iterable.
+
+    Parameters
+    ----------
+    fn : callable
+        The job, called as ``fn(x)``.
+    iterable : iterable
+        One job per item; every rank must build the same items.
+    cache : str or path
+        The output file (the blog post's format); results are kept in ``cache + '.cache/'``.
+    comm : mpi4py communicator, optional
+        Default ``MPI.COMM_WORLD`` (serial in this process without mpi4py or with one rank).
+    verbose : bool
+        A log line per job on stderr, tagged with the rank.
+    progress : bool
+        A progress line on rank 0's stderr (default True).
+""" + _COMMON_PARAMETERS + """
+
+    Returns
+    -------
+    Results
+        The results in the order of ``iterable``, read from disk when accessed (a list with ``in_memory=True``).
     """
     if cache is None:
         raise UsageError("mpimap needs cache='results.pkl': the output file that keeps finished jobs across "
@@ -180,7 +260,7 @@ def mpimap(fn, iterable, cache, *, comm=None, retries=0, force=False, chunksize=
         comm = world_communicator()
     if verbose:
         enable_verbose_logging(0 if comm is None else comm.Get_rank())
-    sweep = Sweep(fn, job_list(iterable), cache, retries=retries, force=force, chunksize=chunksize,
-                  verbose=verbose, on_code_change=on_code_change, timeout=timeout,
+    sweep = Sweep(fn, job_list(iterable), os.fspath(cache), retries=retries, force=force, chunksize=chunksize,
+                  verbose=verbose, on_code_change=on_code_change, timeout=timeout, prune=prune,
                   monitor=_monitor(progress, 0 if comm is None else comm.Get_rank()))
-    return run_sweep(sweep, comm)
+    return run_sweep(sweep, comm, "values", in_memory)

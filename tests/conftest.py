@@ -173,3 +173,10 @@ def mpi_cluster():
         client.close()
     finally:
         subprocess.run([ipcluster, "stop", f"--profile={CLUSTER_PROFILE}"], capture_output=True, timeout=120)
+
+
+def unloadable_payload():
+    """A stored result (format 3 payload, no out-of-band buffers) whose class no longer exists."""
+    import struct
+    data = b"\x80\x05cno_such_module_anymore\nThing\n."
+    return struct.pack("<IQ", 0, len(data)) + data

@@ -312,13 +312,18 @@ def test_damaged_cache_is_reported_and_only_the_damage_recomputed(runner, damage
     assert [r for (_, _, r) in load_output(runner.path("out.pkl"))] == [f"r{x}" * 20 for x in range(30)]
 
 
-def test_half_written_output_is_recomputed(runner):
+def test_half_written_output_is_written_again_from_the_store(runner):
     runner.write("job.py", TORTURE_JOB)
     runner.run("job.py", 3, 100)
     data = open(runner.path("out.pkl"), "rb").read()
     open(runner.path("out.pkl"), "wb").write(data[: len(data) // 2])
+    mark = len(runner.executions())
     proc = run_env(runner, "job.py", 3, 100)
-    assert proc.returncode == 0 and "out.pkl cannot be read" in proc.stderr
+    assert proc.returncode == 0, proc.stderr
+    assert len(load_output(runner.path("out.pkl"))) == 100
+    assert runner.executions()[mark:] == []              # the results came from the store, none recomputed
+    os.unlink(runner.path("out.pkl"))                    # and so does a deleted output
+    assert run_env(runner, "job.py", 3, 100).returncode == 0 and runner.executions()[mark:] == []
     assert len(load_output(runner.path("out.pkl"))) == 100
 
 

@@ -8,9 +8,18 @@ import sys
 
 import pytest
 
+from conftest import unloadable_payload
 from mpitasker_ext import JobsFailed, cache, mpimap
 from mpitasker_ext.errors import CodeChanged
-from mpitasker_ext.scheduler import Sweep, run_serial
+from mpitasker_ext.scheduler import Sweep
+from mpitasker_ext.scheduler import run_serial as _run_serial
+from mpitasker_ext.store import Results
+
+
+def run_serial(sweep):
+    """The serial run, returning its values as a list (they stay in the store)."""
+    _run_serial(sweep)
+    return list(Results(os.path.abspath(sweep.output), sweep.args, kind="values"))
 
 
 @pytest.fixture
@@ -95,7 +104,7 @@ def _job_b(x, stop_at=None):
 def _notebook_sweep(fn, fingerprint, output, n, **options):
     """What %%mpimap runs: the 'error' code-change rule and the fingerprint kept beside the output."""
     return Sweep(fn, list(range(n)), output, fingerprint=fingerprint, function_name="%%mpimap cell",
-                 remember_code=True, on_code_change=options.pop("on_code_change", "error"), **options)
+                 on_code_change=options.pop("on_code_change", "error"), **options)
 
 
 def test_an_interrupted_force_run_resumes_and_never_returns_the_older_output(in_tmp):
@@ -138,6 +147,9 @@ def test_script_rerun_after_an_interrupted_force_run_resumes_it(in_tmp):
 
 
 def test_restarts_do_not_copy_the_output_again_and_again(in_tmp):
+    def stored_bytes():
+        return sum(p.stat().st_size for d in ("g.pkl.mpi", "g.pkl.cache") if (in_tmp / d).exists()
+                   for p in (in_tmp / d).iterdir())
     big = lambda x: bytes(1_000_000)  # noqa: E731 - 1 MB per result
     mpimap(big, range(20), "g.pkl", comm=None, progress=False)
     sizes = []
@@ -148,27 +160,38 @@ def test_restarts_do_not_copy_the_output_again_and_again(in_tmp):
             return bytes(1_000_000)
         with pytest.raises(KeyboardInterrupt):
             mpimap(job, range(25), "g.pkl", comm=None, progress=False)
-        sizes.append(sum(os.path.getsize(p) for p in cache.RunCache("g.pkl").journal_paths()))
+        sizes.append(stored_bytes())
     assert sizes[0] > 20_000_000
-    assert sizes[2] - sizes[0] < 3_000_000, sizes      # the 20 reused results were copied once, not per restart
+    assert sizes[2] - sizes[0] < 3_000_000, sizes      # the 20 stored results are never copied again
 
 
-def test_the_loadable_record_wins_whatever_order_the_journals_sort_in(in_tmp):
+def test_a_stored_result_that_no_longer_loads_is_computed_again_in_the_same_run(in_tmp, caplog):
+    """Whatever order the journals' names sort in: the damaged copy is set aside, the job computed again."""
+    from mpitasker_ext import store
+
     def square(x):
         return x * x
     run = cache.RunCache("order.pkl")
     run.create()
     run.write_manifest(4, cache.code_fingerprint(square), "square")
-    # the damaged copy sorts first, the good one after it
+    good = store.encode_value(4)
     first = cache.JournalWriter(run.path("journal-r00000-00000000.bin"), 0)
-    first.append(2, True, cache.args_digest(2), 0.0, b"\x80\x05cno_such_module_anymore\nThing\n.")
+    first.append(2, True, cache.args_digest(2), 0.0, unloadable_payload())
     first.close()
     second = cache.JournalWriter(run.path("journal-r00000-ffffffff.bin"), 0)
-    second.append(2, True, cache.args_digest(2), 0.0, pickle.dumps(4))
+    second.append_value(2, cache.args_digest(2), 0.0, good)
     second.close()
-    assert mpimap(square, range(4), "order.pkl", comm=None, progress=False) == [0, 1, 4, 9]
+    calls = []
+    with caplog.at_level("WARNING"):
+        values = mpimap(lambda x: calls.append(x) or x * x, range(4), "order.pkl", comm=None, progress=False)
+    assert list(values) == [0, 1, 4, 9]
     with open("order.pkl", "rb") as f:
         assert pickle.load(f) == ([(i, [i], i * i) for i in range(4)],)
+    assert calls in ([0, 1, 3], [0, 1, 2, 3])
+    calls.clear()
+    assert list(mpimap(lambda x: calls.append(x) or x * x, range(4), "order.pkl", comm=None, progress=False)) == \
+        [0, 1, 4, 9]
+    assert calls == []
 
 
 def test_a_job_past_its_timeout_is_a_failure_and_the_run_goes_on(in_tmp):

@@ -1,0 +1,144 @@
+"""Running one job on any rank: its result encoded for the store, or a failure record that says what went wrong.
+
+Whatever a job raises is its own failure, ``SystemExit`` included; only ``KeyboardInterrupt`` (the user stopping
+the run) passes through. Describing a failure never fails.
+"""
+
+import contextlib
+import logging
+import signal
+import threading
+import time
+import traceback
+
+from . import cache as cachemod
+from . import store as storemod
+
+log = logging.getLogger(__name__)
+
+MAX_TRACEBACK = 4000  # shown in the status file and reports
+MAX_TRACEBACK_STORED = 64_000  # kept in a failure record
+_timeout_warned = []
+
+
+class JobTimedOut(BaseException):
+    """Raised inside a job that ran past ``timeout``: a BaseException, so a job's own ``except Exception`` cannot
+    swallow it."""
+
+
+@contextlib.contextmanager
+def _time_limit(seconds):
+    """SIGALRM after ``seconds`` (main thread only: signals are delivered there). Interrupts Python code and
+    blocking calls; a single long call into C (one huge numpy operation) is interrupted when it returns."""
+    if not seconds:
+        yield
+        return
+    if threading.current_thread() is not threading.main_thread():
+        if not _timeout_warned:
+            _timeout_warned.append(True)
+            log.warning("timeout=%g is not applied: jobs run outside the main thread here (a --no-wait run "
+                        "in the kernel), where no signal can stop them", seconds)
+        yield
+        return
+
+    def expire(signum, frame):
+        raise JobTimedOut(f"the job ran longer than timeout={seconds:g} s and was stopped")
+
+    previous = signal.signal(signal.SIGALRM, expire)
+    signal.setitimer(signal.ITIMER_REAL, seconds, 1.0)  # again every second: a job that catches it still stops
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+def safe_str(value):
+    """str() of a user object that may itself raise: describing a failure must never fail."""
+    try:
+        return str(value)
+    except KeyboardInterrupt:
+        raise
+    except BaseException as exc:  # noqa: BLE001 - a broken __str__ may raise anything; say so instead
+        return f"<{type(value).__name__}.__str__ raised {type(exc).__name__}>"
+
+
+def describe_failure(index, arg, exc, skip_frames):
+    """The failure record of a job: a plain dict (error line, traceback text) that never unpickles anything."""
+    tb = exc.__traceback__
+    for _ in range(skip_frames):
+        tb = tb.tb_next if tb is not None and tb.tb_next is not None else tb
+    if isinstance(exc, SystemExit):
+        error = (f"SystemExit: the job called sys.exit({safe_str(exc.code)}); raise an exception to report a "
+                 "failed job")
+    else:
+        error = f"{type(exc).__name__}: {safe_str(exc)}"
+    try:
+        text = "".join(traceback.format_exception(type(exc), exc, tb))
+    except KeyboardInterrupt:
+        raise
+    except BaseException as fmt_exc:  # noqa: BLE001 - the error line above still describes the failure
+        text = f"{error}\n(the traceback could not be formatted: {type(fmt_exc).__name__})\n"
+    return {"index": index, "arg": short_repr(arg), "error": error, "traceback": text[-MAX_TRACEBACK_STORED:]}
+
+
+def short_repr(value, limit=200):
+    try:
+        text = repr(value)
+    except KeyboardInterrupt:
+        raise
+    except BaseException as exc:  # noqa: BLE001 - a user object's repr must not hide the real failure
+        text = f"<{type(value).__name__}: repr failed: {type(exc).__name__}>"
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
+def execute_job(fn, index, arg, timeout=None):
+    """Run one job; return (encoded result or None, failure dict or None, seconds).
+
+    Whatever the job raises becomes its failure record, ``SystemExit`` included (a job calling ``sys.exit``
+    must not take its rank out of the run). Only ``KeyboardInterrupt`` passes: that is the user stopping the run.
+    """
+    start = time.perf_counter()
+    try:
+        with _time_limit(timeout):
+            value = fn(arg)
+    except KeyboardInterrupt:
+        raise
+    except BaseException as exc:  # noqa: BLE001 - whatever the job raises becomes its failure record
+        return None, describe_failure(index, arg, exc, skip_frames=1), time.perf_counter() - start
+    if timeout and time.perf_counter() - start > timeout:     # it swallowed the stop and finished late
+        late = JobTimedOut(f"the job ran longer than timeout={timeout:g} s (it caught the stop and returned "
+                           f"after {time.perf_counter() - start:.1f} s)")
+        return None, describe_failure(index, arg, late, skip_frames=0), time.perf_counter() - start
+    try:
+        encoded = storemod.encode_value(value)
+    except KeyboardInterrupt:
+        raise
+    except BaseException as exc:  # noqa: BLE001 - pickling a user object can raise any type
+        wrapped = TypeError(f"the result of type {type(value).__name__} cannot be pickled ({safe_str(exc)}); "
+                            "return plain data (numbers, arrays, dicts) from the job")
+        return None, describe_failure(index, arg, wrapped, skip_frames=0), time.perf_counter() - start
+    if encoded.size > cachemod.MAX_RECORD - 64:
+        too_large = cachemod.RecordTooLarge(encoded.size)
+        return None, describe_failure(index, arg, too_large, skip_frames=0), time.perf_counter() - start
+    return encoded, None, time.perf_counter() - start
+
+
+def run_batch(sweep, indices, journal, rank):
+    """Run a batch and journal each job as it ends; return (ok count, failures {index: error line}, seconds)."""
+    args, fn = sweep.args, sweep.fn
+    start = time.perf_counter()
+    ok_count, failures = 0, {}
+    journal.start_batch(indices)
+    for index in indices:
+        arg = args[index]
+        encoded, failure, seconds = execute_job(fn, index, arg, sweep.timeout)
+        if failure is None:
+            journal.append_value(index, cachemod.args_digest(arg), seconds, encoded)
+            ok_count += 1
+        else:
+            journal.append(index, False, cachemod.args_digest(arg), seconds, cachemod.encode_failure(failure))
+            failures[index] = (failure["error"], failure["traceback"][-MAX_TRACEBACK:])
+        if sweep.verbose:
+            log.info("rank %d: job %d %s in %.3f s", rank, index, "done" if failure is None else "FAILED", seconds)
+    return ok_count, failures, time.perf_counter() - start

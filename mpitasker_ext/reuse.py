@@ -1,0 +1,382 @@
+"""Which jobs are already done, and the end of a run: the reuse rules over the run directory and the store.
+
+A job is what it computes: its identity is (code fingerprint, argument digest), never its position. Rank 0 finds
+every finished result whose argument appears anywhere in the grid, computes each missing argument once, and at
+the end streams the output from the store. No MPI here (the same rules serve the serial path), and no result is
+unpickled before the end, where the output is written one result at a time.
+"""
+
+import hashlib
+import logging
+import os
+from dataclasses import dataclass
+
+from . import cache as cachemod
+from . import store as storemod
+from .errors import CacheError, CodeChanged
+from .execution import execute_job, short_repr
+from .sweep import Outcome
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Prepared:
+    """Rank 0's plan for a run: the identities of its jobs and the ones still to compute."""
+
+    cache: cachemod.RunCache
+    store: storemod.ResultStore
+    fingerprint: str
+    digests: list
+    pending: list  # job indices to compute: one per distinct argument without a stored result
+    cached: int = 0  # jobs already done: a stored result, or an argument repeated from a job computed now
+    unchanged: bool = False  # the output and the store's index already hold exactly this grid
+
+
+def disk_error(cache, what, exc):
+    """An I/O failure as users need to read it: what failed, why, and that finished work is safe."""
+    return CacheError(
+        f"cannot {what} {cache.output}: {exc.strerror or exc} ({getattr(exc, 'filename', '') or cache.run_dir}). "
+        f"Every finished job is kept in {cache.run_dir}; fix the cause (free disk space, permissions) and rerun: "
+        "finished jobs are not computed again.")
+
+
+def grid_identity(fingerprint, digests):
+    """One digest of a whole grid (code and every argument, in order): a rerun of the very same map is told
+    apart from any other without reading a result."""
+    h = hashlib.blake2b(fingerprint.encode(), digest_size=16)
+    for digest in digests:
+        h.update(digest)
+    return h.hexdigest()
+
+
+def prepare(sweep):
+    """Rank 0 before any work, under the run's lock (released here on failure, by the caller otherwise)."""
+    cache = cachemod.RunCache(sweep.output)
+    store = storemod.ResultStore(cache.output)
+    cache.check_output_path()
+    cachemod.check_picklable(sweep.args)
+    fingerprint = sweep.fingerprint or cachemod.code_fingerprint(sweep.fn)
+    digests = [cachemod.args_digest(arg) for arg in sweep.args]
+    cache.create()
+    cache.acquire_lock()
+    try:
+        _apply_reuse_rules(sweep, cache, store, fingerprint, digests)
+        scan = storemod.scan_journals(store.journal_paths() + cache.journal_paths())
+        pending, cached, seen = [], 0, set()
+        for index, digest in enumerate(digests):
+            if digest in scan.ok or digest in seen:
+                cached += 1
+            else:
+                seen.add(digest)
+                pending.append(index)
+        prepared = Prepared(cache, store, fingerprint, digests, pending, cached)
+        _report_interrupted([info for info in scan.interrupted if info.in_flight is not None
+                             and info.in_flight < len(digests) and digests[info.in_flight] not in scan.ok],
+                            sweep.args)
+        prepared.unchanged = not pending and _output_holds(cache, store, grid_identity(fingerprint, digests))
+    except BaseException:
+        cache.release_lock()
+        _remove_if_unused(cache)
+        raise
+    return prepared
+
+
+def _remove_if_unused(cache):
+    """A run stopped before it started (a code-change question, bad input): leave no empty run directory."""
+    if not _run_started(cache):
+        try:
+            cache.remove()
+        except OSError as exc:
+            log.debug("could not remove the unused %s: %s", cache.run_dir, exc)
+
+
+def _apply_reuse_rules(sweep, cache, store, fingerprint, digests):
+    """Decide what earlier results may serve this run (see docs/design.md, "Reuse rules")."""
+    if sweep.force:
+        _discard_everything(cache, store)
+    elif _run_started(cache):                        # an interrupted run resumes from its own records
+        manifest = cache.read_manifest()
+        if manifest is None and cache.journal_paths():
+            log.warning("%s has records but no readable manifest; records are still checked job by job",
+                        cache.run_dir)
+        elif manifest is not None and manifest.get("code") != fingerprint and _has_results(cache, store):
+            what = (f"the job function's code changed since {cache.run_dir} was written "
+                    f"(function {manifest.get('function')!r} then, {sweep.function_name!r} now)")
+            if not _code_change(sweep, what):
+                cache.discard_records()
+                store.discard()
+    elif store.exists():
+        meta = store.read_meta() or {}
+        if meta.get("code") != fingerprint and store.journal_paths():
+            what = (f"the job function's code changed since the results in {store.path} were computed "
+                    f"(function {meta.get('function')!r} then, {sweep.function_name!r} now)")
+            if not _code_change(sweep, what):
+                store.discard()
+    _write_manifest(sweep, cache, fingerprint)
+    if not sweep.force and not _has_results(cache, store) and os.path.exists(cache.output):
+        _adopt_plain_output(sweep, cache, fingerprint, digests)
+
+
+def _write_manifest(sweep, cache, fingerprint):
+    try:
+        cache.write_manifest(len(sweep.args), fingerprint, sweep.function_name)
+    except OSError as exc:
+        raise disk_error(cache, "write the manifest of", exc) from exc
+
+
+def _has_results(cache, store):
+    return bool(cache.journal_paths() or store.journal_paths())
+
+
+def _run_started(cache):
+    """A run began here and did not finish: it wrote its manifest or journals."""
+    return os.path.exists(cache.path(cachemod.MANIFEST)) or bool(cache.journal_paths())
+
+
+def _discard_everything(cache, store):
+    """``force``: the journals, the store and the old output go before any new work, so nothing of them can
+    come back."""
+    if _has_results(cache, store) or os.path.exists(cache.output):
+        log.warning("force: discarding the stored results of %s", cache.output)
+    cache.discard_records()
+    store.discard()
+    for path in (cache.output, cache.meta_path):
+        try:
+            os.unlink(path)
+        except FileNotFoundError:
+            pass
+        except OSError as exc:
+            raise disk_error(cache, "remove the old output of", exc) from exc
+
+
+def _adopt_plain_output(sweep, cache, fingerprint, digests):
+    """An output without a store (an older version's, or the blog post's): its results whose argument appears in
+    the grid are copied once into a journal, so from then on the store serves them."""
+    meta = cache.read_meta()
+    if meta is not None and meta.get("code") != fingerprint and not _code_change(
+            sweep, f"the code that made {cache.output} differs from the code now"):
+        return
+    triples = cache.read_output()
+    if not triples:
+        return
+    wanted = set(digests)
+    copied, journal = 0, None
+    try:
+        for index, arg_list, value in triples:
+            digest = cachemod.args_digest(arg_list[0])
+            if digest not in wanted:
+                continue
+            wanted.discard(digest)
+            try:
+                encoded = storemod.encode_value(value)
+            except Exception as exc:  # noqa: BLE001 - a value that no longer pickles is simply recomputed
+                log.warning("result %s of %s cannot be stored again (%s); recomputing it", index, cache.output, exc)
+                continue
+            if journal is None:
+                cache.create()
+                journal = cache.new_journal(0)
+            journal.append_value(index if isinstance(index, int) and index >= 0 else 0, digest, 0.0, encoded)
+            copied += 1
+    finally:
+        if journal is not None:
+            journal.close()
+    log.info("%s: reusing %d results of the existing output", cache.output, copied)
+
+
+def _output_holds(cache, store, grid):
+    """The output, its .code.json and the store's index already describe this very grid and code."""
+    meta = cache.read_meta() or {}
+    identity = meta.get("output_identity")
+    if meta.get("grid") != grid or not isinstance(identity, list) or not _has_index(store):
+        return False
+    try:
+        st = os.stat(cache.output)
+    except OSError:
+        return False
+    return identity == [st.st_size, st.st_mtime_ns]
+
+
+def _has_index(store):
+    try:
+        store.read_index()
+    except (OSError, ValueError, CacheError):
+        return False
+    return True
+
+
+def _set_aside(location):
+    """A stored result that no longer loads: its frame magic is overwritten, so every later scan skips it (as
+    damage) and the job is computed again, instead of failing at the end of every run."""
+    try:
+        fd = os.open(location.journal, os.O_WRONLY)
+        try:
+            os.pwrite(fd, b"MTJ\x00", location.offset)
+        finally:
+            os.close(fd)
+    except OSError as exc:
+        log.warning("could not set aside the record at %s:%d (%s); delete %s to recompute it", location.journal,
+                    location.offset, exc, location.journal)
+
+
+def _code_change(sweep, what):
+    """Apply the on_code_change policy; True when the stored results may be used."""
+    policy = sweep.on_code_change
+    if policy == "error":
+        raise CodeChanged(f"{what}. Choose: recompute everything (force / --force) or keep the cached "
+                          "results (reuse / --reuse).")
+    if policy == "recompute":
+        log.warning("%s; recomputing, as asked (on_code_change='recompute')", what)
+        return False
+    if policy == "warn":
+        log.warning("%s; reusing the cached results. Pass force=True (or delete them) to recompute.", what)
+    return True
+
+
+def _report_interrupted(interrupted, args):
+    """Say which jobs were running when earlier runs died: the one that kills its process is among them."""
+    if not interrupted:
+        return
+    shown = ", ".join(f"job {i.in_flight} (rank {i.rank}, pid {i.pid} on {i.host})" for i in interrupted[-8:])
+    log.warning("an earlier run stopped while these jobs were running: %s; they run again now", shown)
+    deaths = {}
+    for info in interrupted:
+        deaths[info.in_flight] = deaths.get(info.in_flight, 0) + 1
+    for index, count in sorted(deaths.items()):
+        if count >= 2 and index < len(args):
+            log.warning("job %d was running each of the %d times a process of this sweep died: it probably kills "
+                        "its own process (os._exit, a segfault, running out of memory). Its argument is %s; try "
+                        "it alone with fn(args[%d]).", index, count, short_repr(args[index]), index)
+
+
+class _Unloadable(Exception):
+    """A stored result that does not load and whose job, computed again, failed too."""
+
+    def __init__(self, index, failure):
+        super().__init__(failure["error"])
+        self.index, self.failure = index, failure
+
+
+def finish(sweep, prepared, ledger):
+    """Rank 0 after all work: find every job's result in the store, stream the output, keep the results."""
+    cache, store, args, digests = prepared.cache, prepared.store, sweep.args, prepared.digests
+    n = len(args)
+    scan = storemod.scan_journals(store.journal_paths() + cache.journal_paths())
+    locations = [scan.ok.get(digest) for digest in digests]
+    missing = [i for i, location in enumerate(locations) if location is None]
+    if missing:
+        ledger.maybe_write("failed", force=True)
+        cache.release_lock()
+        failed = {i: scan.failed[digests[i]].failure() for i in missing if digests[i] in scan.failed}
+        if failed:
+            return _failure_outcome(cache, failed, n)
+        if _written_for_other_arguments(cache, set(missing), digests):
+            return Outcome(error_type="UsageError", message=(
+                f"the arguments of {len(missing)} jobs (e.g. job {missing[0]}) differ between ranks: every "
+                "rank must build the same list of arguments (seed random generators; do not depend on the "
+                "rank or the time). Finished records are kept in " + cache.run_dir))
+        return Outcome(error_type="WorkerError", message=(
+            f"{len(missing)} jobs (e.g. {missing[:10]}) have no record although they were scheduled; a "
+            f"worker may have lost its journal. Rerun to compute them; finished work is kept in {cache.run_dir}"))
+    grid = grid_identity(prepared.fingerprint, digests)
+    try:
+        if not prepared.unchanged:
+            _write_output(sweep, prepared, locations)
+        _keep_results(sweep, prepared, locations, grid, ledger.status("finished"))
+    except _Unloadable as bad:
+        ledger.maybe_write("failed", force=True)
+        cache.release_lock()
+        return _failure_outcome(cache, {bad.index: bad.failure}, n)
+    except OSError as exc:
+        ledger.maybe_write("error", force=True)
+        cache.release_lock()
+        return Outcome.from_exception(disk_error(cache, "write the output of", exc))
+    try:
+        cache.remove()
+    except OSError as exc:
+        log.warning("the output %s is complete, but cleaning up %s failed (%s); delete it by hand",
+                    cache.output, cache.run_dir, exc)
+    finally:
+        cache.release_lock()                     # after the removal: nobody may start in a directory we delete
+    ledger.notify_final("finished")
+    return Outcome(ok=True, total=n)
+
+
+def _write_output(sweep, prepared, locations):
+    """The blog post's output file, streamed from the store one result at a time.
+
+    A stored result that no longer loads (its class was renamed, say) is set aside and its job computed again
+    here on rank 0, so the run still ends with every result; ``locations`` is updated to the new record."""
+    cache, args, digests = prepared.cache, sweep.args, prepared.digests
+    again, journal = {}, []
+
+    def triple_at(index):
+        digest = digests[index]
+        if digest in again:
+            return (index, [args[index]], again[digest])
+        try:
+            value = storemod.read_value(locations[index])
+        except Exception as exc:  # noqa: BLE001 - unpickling a stored result can raise any type
+            log.warning("the cached result of job %d cannot be loaded (%s: %s); recomputing it", index,
+                        type(exc).__name__, exc)
+            _set_aside(locations[index])
+            value = again[digest] = _compute_again(sweep, index, journal, cache)
+        return (index, [args[index]], value)
+
+    try:
+        storemod.write_output(cache.output, len(args), triple_at)
+    finally:
+        if journal:
+            journal[0].close()
+    if again:
+        fresh = storemod.scan_journals([journal[0].path])
+        for index, digest in enumerate(digests):
+            if digest in again:
+                locations[index] = fresh.ok[digest]
+
+
+def _compute_again(sweep, index, journal, cache):
+    encoded, failure, seconds = execute_job(sweep.fn, index, sweep.args[index], sweep.timeout)
+    if failure is not None:
+        raise _Unloadable(index, failure)
+    if not journal:
+        journal.append(cache.new_journal(0))
+    journal[0].append_value(index, cachemod.args_digest(sweep.args[index]), seconds, encoded)
+    return storemod.decode_payload(encoded.to_bytes()).load()
+
+
+def _keep_results(sweep, prepared, locations, grid, final_status):
+    """Move this run's journals into the store and index the grid, so every rank (and ``load``) reads the
+    results from there; the output's .code.json says which grid and which file it describes."""
+    cache, store = prepared.cache, prepared.store
+    moved = store.adopt(cache.journal_paths())
+    locations = [location._replace(journal=moved.get(location.journal, location.journal)) for location in locations]
+    if sweep.prune:
+        store.compact(set(prepared.digests), storemod.scan_journals(store.journal_paths()))
+        rescan = storemod.scan_journals(store.journal_paths())
+        locations = [rescan.ok[digest] for digest in prepared.digests]
+    if not prepared.unchanged or moved or sweep.prune:
+        store.write_index(locations, sweep.args)
+    store.write_meta(prepared.fingerprint, sweep.function_name)
+    st = os.stat(cache.output)
+    cache.write_meta(len(sweep.args), prepared.fingerprint, sweep.function_name,
+                     final_status=final_status, grid=grid, output_identity=[st.st_size, st.st_mtime_ns])
+
+
+def _written_for_other_arguments(cache, missing, digests):
+    """A record of this run for a missing job under another digest: a rank built other arguments."""
+    return any(record.index in missing and record.digest != digests[record.index]
+               for record in cache.read_records())
+
+
+def _failure_outcome(cache, failed, n):
+    indices = sorted(failed)
+    first = failed[indices[0]]
+    shown = ", ".join(map(str, indices[:50])) + (" ..." if len(indices) > 50 else "")
+    message = (f"{len(indices)} of {n} jobs failed: indices {shown}\n"
+               f"First failure, job {indices[0]} with argument {first['arg']}: {first['error']}\n"
+               f"{first['traceback']}"
+               f"The {n - len(indices)} finished jobs are cached in {cache.run_dir}; fix the cause and rerun to "
+               "compute only the failed jobs (or pass retries=N to try them again in the same run).")
+    failures = {i: failed[i]["traceback"] or failed[i]["error"] for i in indices[:1000]}
+    return Outcome(error_type="JobsFailed", message=message, failures=failures, total=n)

@@ -1,0 +1,71 @@
+"""What every rank of a map holds (``Sweep``) and how the map ended (``Outcome``): plain data shared by the job
+execution, the reuse rules and the MPI loops."""
+
+from dataclasses import dataclass, field
+
+from . import errors
+from .errors import JobsFailed, UsageError
+
+CODE_CHANGE_POLICIES = ("warn", "reuse", "recompute", "error")
+
+
+@dataclass(frozen=True)
+class Sweep:
+    """Everything a rank needs to take part in one map: identical on every rank, never changed once built."""
+
+    fn: object
+    args: list
+    output: str
+    retries: int = 0
+    force: bool = False
+    on_code_change: str = "warn"
+    chunksize: int | None = None
+    verbose: bool = False
+    fingerprint: str = ""
+    function_name: str = ""
+    timeout: float | None = None  # seconds a job may run before it is stopped and recorded as failed
+    prune: bool = False  # after success, drop stored results whose argument is not in this grid
+    monitor: object = None  # called on rank 0 with each status dict written (a text progress view, say)
+
+    def __post_init__(self):
+        if self.on_code_change not in CODE_CHANGE_POLICIES:
+            raise UsageError(f"on_code_change={self.on_code_change!r} is not one of {CODE_CHANGE_POLICIES}")
+        if not isinstance(self.retries, int) or self.retries < 0:
+            raise UsageError(f"retries={self.retries!r} must be a whole number >= 0")
+        if self.chunksize is not None and (not isinstance(self.chunksize, int) or self.chunksize < 1):
+            raise UsageError(f"chunksize={self.chunksize!r} must be a whole number >= 1 (or None to adapt)")
+        if self.timeout is not None and (isinstance(self.timeout, bool) or not isinstance(self.timeout, (int, float))
+                                         or not 0 < self.timeout < 1e9):
+            raise UsageError(f"timeout={self.timeout!r} must be a number of seconds > 0 (or None for no limit)")
+        if not callable(self.fn):
+            raise UsageError(f"the job function must be callable, got {type(self.fn).__name__}")
+        if not self.function_name:
+            object.__setattr__(self, "function_name", getattr(self.fn, "__qualname__", type(self.fn).__name__))
+
+
+@dataclass
+class Outcome:
+    """What rank 0 tells every rank at the end: success (the results are in the store), or the error every
+    rank raises."""
+
+    ok: bool = False
+    error_type: str = ""
+    message: str = ""
+    failures: dict = field(default_factory=dict)
+    total: int = 0
+
+    @classmethod
+    def from_exception(cls, exc):
+        if isinstance(exc, errors.MPITaskerError):
+            return cls(error_type=type(exc).__name__, message=str(exc))
+        return cls(error_type="MPITaskerError", message=f"rank 0 could not run the map: {exc}")
+
+    def raise_error(self, on_root):
+        """Rank 0 shows the whole story; the other ranks a one-line version of the same error."""
+        if self.error_type == "JobsFailed":
+            message = self.message if on_root else self.message.split("\n", 1)[0] + " (rank 0 shows the traceback)"
+            raise JobsFailed(message, self.failures, total=self.total)
+        kind = getattr(errors, self.error_type, None)
+        if not (isinstance(kind, type) and issubclass(kind, errors.MPITaskerError)):
+            kind = errors.MPITaskerError
+        raise kind(self.message)
