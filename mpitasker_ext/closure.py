@@ -137,6 +137,13 @@ def free_names(module):
     return sorted(names)
 
 
+def _attributes_read(module, name):
+    """The attributes the job reads from the module bound to ``name`` (``helpers.f`` gives ``f``): what it runs
+    from a module counts in the fingerprint, not only the module's name."""
+    return sorted({node.attr for node in ast.walk(module) if isinstance(node, ast.Attribute)
+                   and isinstance(node.value, ast.Name) and node.value.id == name})
+
+
 def _walk_tables(table):
     for child in table.get_children():
         yield child
@@ -159,7 +166,9 @@ def build_job(loop, body, user_ns):
                                "in an earlier cell (or in the cell itself) and run again")
         if isinstance(value, types.ModuleType):
             modules[name] = value.__name__
-            identities.append(f"{name}=module:{value.__name__}")
+            identities.append(f"{name}=module:{value.__name__}:{code_fingerprint(value)}")
+            identities += [f"{name}.{attr}={code_fingerprint(getattr(value, attr))}"
+                           for attr in _attributes_read(module, name) if hasattr(value, attr)]
             continue
         try:
             captured[name] = cloudpickle.dumps(value)

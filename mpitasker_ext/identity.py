@@ -2,9 +2,9 @@
 
 Both are blake2b over one canonical, type-tagged, length-prefixed encoding of a value, so they are the same in
 every process and every kernel: nothing depends on the hash seed, on memory addresses or on pickle's memo.
-The argument digest names classes and functions by reference (data identity); the fingerprint hashes the
-user's own code by value (what the job will run) and installed libraries by reference. See docs/design.md,
-"Identities", for the rules and why each decision was taken.
+Both hash the user's own code by value (what the job will run; in an argument, a closure or the class of an
+instance) and installed libraries by reference; a user module by its source. Shared parts are hashed once per
+call. See docs/design.md, "Identities", for the rules and why each decision was taken.
 """
 
 import copyreg
@@ -76,6 +76,18 @@ def _flat(items):
 
 def args_digest(arg):
     """A 16-byte identity of one job's argument, so a record is reused only for the same input."""
+    return _args_digest(arg, {})
+
+
+def args_digests(args):
+    """args_digest of each argument, encoding each of the user's classes and functions once for the whole list
+    (100,000 instances of one notebook class hash the class once). The memo lives for this call only: a class
+    edited before the next call is hashed again."""
+    shared = {}
+    return [_args_digest(arg, shared) for arg in args]
+
+
+def _args_digest(arg, shared):
     kind = type(arg)
     scalar = _SCALARS.get(kind)
     if scalar is not None:
@@ -84,7 +96,7 @@ def args_digest(arg):
         flat = _flat(arg)
         if flat is not None:
             return _digest(b"t" + _LENGTH.pack(len(arg)) + flat)
-    encoder = _Encoder()
+    encoder = _Encoder(shared)
     try:
         encoder.encode(arg)
     except RecursionError:
@@ -96,59 +108,94 @@ def args_digest(arg):
 def code_fingerprint(obj):
     """A hash of what the job would run: the user's code and data by value, libraries by name and version, so
     an edit anywhere the job can reach changes it and moving lines or restarting the kernel does not."""
-    encoder = _CodeEncoder()
     try:
-        encoder.encode(obj)
+        return _code_digest(obj, {}).hex()
     except RecursionError:
         raise UsageError(f"{type(obj).__name__} reaches values nested too deeply to fingerprint; capture "
                          "flatter data") from None
-    return encoder.digest().hex()
+
+
+def _code_digest(obj, shared):
+    encoder = _CodeEncoder(shared)
+    encoder.encode(obj)
+    return encoder.digest()
 
 
 class _Encoder:
-    """Streams the canonical encoding of one value into blake2b; classes and functions by reference."""
+    """Builds the canonical encoding of one value; the user's classes and functions by the digest of their code,
+    libraries' by reference.
 
-    def __init__(self, path=None):
-        self._hash = hashlib.blake2b(digest_size=16)
+    Every container and object is a node: its own encoding is hashed apart and the node is written as that
+    digest, remembered by id() for this call, so a part shared many times (a DAG, [x, x]) is encoded once and
+    [a, a] still equals [a, copy(a)]. A node met again while it is being encoded (a cycle) is written as its
+    number in the order nodes were entered, which is the same on every rank because the traversal order is.
+    """
+
+    def __init__(self, shared=None):
         self._buffer = bytearray()
-        # Containers being encoded, from the outermost: a value met again here is a cycle and becomes a
-        # back-reference to its depth. Only the current path counts, so shared (acyclic) parts are encoded each
-        # time and [a, a] has the digest of [a, copy(a)].
-        self._path = {} if path is None else path
+        self._path = {}  # id -> entry number of the nodes being encoded
+        self._count = 0
+        self._memo = {}  # id -> (digest, node) of the nodes encoded so far (the node is kept alive)
+        self._memo_log = []  # ids in the order they were memoised, so a member's entries can be dropped
+        # id -> (digest, object): the code digests and module sources of one call (args_digests shares them)
+        self._shared = {} if shared is None else shared
 
     def digest(self):
-        self._flush()
-        return self._hash.digest()
+        return _digest(self._buffer)
 
-    def _flush(self):
-        if self._buffer:
-            self._hash.update(self._buffer)
-            self._buffer.clear()
+    def _node(self, obj, write):
+        """Encode obj with write(obj) into its own digest, or write what identifies it already."""
+        key = id(obj)
+        known = self._memo.get(key)
+        if known is not None:
+            self._buffer += b"=" + known[0]
+            return
+        number = self._path.get(key)
+        if number is not None:
+            self._buffer += b"r" + _LENGTH.pack(number)
+            return
+        self._path[key] = self._count
+        self._count += 1
+        outer, self._buffer = self._buffer, bytearray()
+        try:
+            write(obj)
+            digest = _digest(self._buffer)
+        finally:
+            self._buffer = outer
+            del self._path[key]
+        self._remember(key, digest, obj)
+        outer += b"=" + digest
 
-    def _child(self):
-        return _Encoder(self._path)
+    def _remember(self, key, digest, obj):
+        self._memo[key] = (digest, obj)
+        self._memo_log.append(key)
 
-    def _part_digest(self, *values):
-        """The digest of values encoded apart, for members of unordered containers (sorted by digest)."""
-        flat = _flat(values)
-        if flat is not None:
-            return _digest(flat)
-        part = self._child()
-        for value in values:
-            part.encode(value)
-        return part.digest()
+    def _part_digest(self, value):
+        """The digest of a member of an unordered container encoded on its own: nothing it numbers or memoises
+        is seen by the next member, so the members' (hash) order cannot change how any of them is encoded."""
+        count, logged = self._count, len(self._memo_log)
+        outer, self._buffer = self._buffer, bytearray()
+        try:
+            self.encode(value)
+            return _digest(self._buffer)
+        finally:
+            self._buffer = outer
+            self._count = count
+            for key in self._memo_log[logged:]:
+                del self._memo[key]
+            del self._memo_log[logged:]
 
-    def _enter(self, obj):
-        """Push a container on the path; False (after writing a back-reference) when it is already there."""
-        entered = self._path.get(id(obj))
-        if entered is not None:
-            self._buffer += b"r" + _LENGTH.pack(entered[0])
-            return False
-        self._path[id(obj)] = (len(self._path), obj)
-        return True
-
-    def _leave(self, obj):
-        del self._path[id(obj)]
+    def _form(self, value):
+        """How a set element or dict key is written and sorted: a plain scalar (or flat tuple) by its bytes,
+        anything else by its part digest."""
+        scalar = _SCALARS.get(type(value))
+        if scalar is not None:
+            return scalar(value)
+        if type(value) is tuple:
+            flat = _flat(value)
+            if flat is not None:
+                return b"t" + _LENGTH.pack(len(value)) + flat
+        return b"k" + self._part_digest(value)
 
     def encode(self, value):
         kind = type(value)
@@ -156,52 +203,60 @@ class _Encoder:
         if scalar is not None:
             self._buffer += scalar(value)
         elif kind is tuple:
-            self._buffer += b"t" + _LENGTH.pack(len(value))
             flat = _flat(value)
             if flat is not None:
-                self._buffer += flat
+                self._buffer += b"t" + _LENGTH.pack(len(value)) + flat
             else:
-                for item in value:
-                    self.encode(item)
+                self._node(value, self._write_sequence)
         elif kind is list:
-            self._encode_sequence(b"l", value)
+            self._node(value, self._write_sequence)
         elif kind is dict:
-            self._encode_unordered(b"d", value, value.items())
+            self._encode_mapping(value, value.items())
         elif kind is set:
-            self._encode_unordered(b"S", value, ((item,) for item in value))
+            self._node(value, functools.partial(self._write_set, b"S"))
         elif kind is frozenset:
-            self._encode_unordered(b"Z", value, ((item,) for item in value))
+            self._node(value, functools.partial(self._write_set, b"Z"))
         elif kind is OrderedDict:
-            self._encode_ordered_items(b"o", value, value.items())
+            self._node(value, functools.partial(self._write_ordered_items, value.items()))
         else:
             self._encode_other(value)
 
-    def _encode_sequence(self, tag, items):
-        if self._enter(items):
-            self._buffer += tag + _LENGTH.pack(len(items))
-            flat = _flat(items)
-            if flat is not None:
-                self._buffer += flat
-            else:
-                for item in items:
-                    self.encode(item)
-            self._leave(items)
-
-    def _encode_ordered_items(self, tag, owner, pairs):
-        if self._enter(owner):
-            pairs = list(pairs)
-            self._buffer += tag + _LENGTH.pack(len(pairs))
-            for key, item in pairs:
-                self.encode(key)
+    def _write_sequence(self, items):
+        self._buffer += (b"t" if type(items) is tuple else b"l") + _LENGTH.pack(len(items))
+        flat = _flat(items)
+        if flat is not None:
+            self._buffer += flat
+        else:
+            for item in items:
                 self.encode(item)
-            self._leave(owner)
 
-    def _encode_unordered(self, tag, owner, members):
-        """Sets and dicts compare without order: their members (dict items) sorted by digest."""
-        if self._enter(owner):
-            digests = sorted(self._part_digest(*member) for member in members)
-            self._buffer += tag + _LENGTH.pack(len(digests)) + b"".join(digests)
-            self._leave(owner)
+    def _write_ordered_items(self, pairs, owner):
+        pairs = list(pairs)
+        self._buffer += b"o" + _LENGTH.pack(len(pairs))
+        for key, item in pairs:
+            self.encode(key)
+            self.encode(item)
+
+    def _write_set(self, tag, members):
+        forms = sorted(self._form(item) for item in members)
+        self._buffer += tag + _LENGTH.pack(len(forms)) + b"".join(forms)
+
+    def _encode_mapping(self, owner, pairs):
+        self._node(owner, functools.partial(self._write_mapping, pairs))
+
+    def _write_mapping(self, pairs, owner):
+        """Dicts compare without order: items sorted by their key's form, values then encoded in that order.
+        Two keys with one form (two NaNs, two equal objects that hash by id) leave the order open: then each
+        item is encoded on its own and the items are sorted by their digests."""
+        items = sorted(((self._form(key), key, value) for key, value in pairs), key=_first)
+        if any(items[i][0] == items[i + 1][0] for i in range(len(items) - 1)):
+            digests = sorted(self._part_digest((key, value)) for _, key, value in items)
+            self._buffer += b"e" + _LENGTH.pack(len(digests)) + b"".join(digests)
+            return
+        self._buffer += b"d" + _LENGTH.pack(len(items))
+        for form, _, value in items:
+            self._buffer += form
+            self.encode(value)
 
     def _encode_other(self, value):
         numpy = sys.modules.get("numpy")
@@ -221,7 +276,7 @@ class _Encoder:
             self.encode(value.__func__)
             self.encode(value.__self__)
         elif isinstance(value, types.ModuleType):
-            self._buffer += b"M" + _str_bytes(value.__name__)
+            self._encode_module(value)
         elif isinstance(value, types.CodeType):
             self._encode_code(value)
         elif isinstance(value, (staticmethod, classmethod)):
@@ -239,9 +294,9 @@ class _Encoder:
         elif numpy is not None and isinstance(value, numpy.generic):
             self._buffer += b"g" + _str_bytes(value.dtype.str) + _LENGTH.pack(value.nbytes) + value.tobytes()
         elif isinstance(value, (set, frozenset)):
-            self._encode_set_subclass(value)
+            self._node(value, self._write_set_subclass)
         elif isinstance(value, types.MappingProxyType):  # a read-only dict (dataclass field metadata)
-            self._encode_unordered(b"d", value, value.items())
+            self._encode_mapping(value, value.items())
         else:
             self._encode_reduced(value)
 
@@ -251,14 +306,43 @@ class _Encoder:
         qualname = getattr(obj, "__qualname__", None) or getattr(obj, "__name__", "")
         self._buffer += tag + _str_bytes(str(module)) + _str_bytes(str(qualname))
 
+    def _encode_by_code(self, obj):
+        """The user's class or function in an argument: by the digest of its code, as the fingerprint sees it,
+        so two closures of one factory or an edited class are different arguments."""
+        known = self._shared.get(id(obj))
+        if known is None:
+            known = self._shared[id(obj)] = (_code_digest(obj, self._shared), obj)
+        self._buffer += b"V" + known[0]
+
     def _encode_class(self, cls):
-        self._encode_reference(b"C", cls)
+        if _is_library(getattr(cls, "__module__", None)):
+            self._encode_reference(b"C", cls)
+        else:
+            self._encode_by_code(cls)
 
     def _encode_function(self, fn):
-        self._encode_reference(b"P", fn)
+        if _is_library(getattr(fn, "__module__", None)):
+            self._encode_reference(b"P", fn)
+        else:
+            self._encode_by_code(fn)
 
     def _encode_builtin(self, fn):
         self._encode_reference(b"P", fn)
+
+    def _encode_module(self, module):
+        """A library module by name; the user's by name and the digest of its source file, so editing
+        helpers.py next to the notebook changes what reaches it."""
+        name = module.__name__
+        if _is_library(name):
+            self._buffer += b"M" + _str_bytes(name)
+            return
+        known = self._shared.get(id(module))
+        if known is None:
+            known = self._shared[id(module)] = (_source_digest(module), module)
+        if known[0] is None:
+            self._buffer += b"M" + _str_bytes(name)
+        else:
+            self._buffer += b"u" + _str_bytes(name) + known[0]
 
     def _encode_code(self, code):
         """Bytecode and what it refers to, never line numbers or file names."""
@@ -273,47 +357,40 @@ class _Encoder:
 
     def _encode_array(self, numpy, array):
         dtype = array.dtype
-        shape = _LENGTH.pack(array.ndim) + b"".join(_LENGTH.pack(n) for n in array.shape)
+        if dtype.names is None and not dtype.hasobject:  # a leaf: hashed in place, once per call
+            known = self._memo.get(id(array))
+            if known is None:
+                data = hashlib.blake2b(digest_size=16)
+                data.update(b"A" + _str_bytes(dtype.str) + _shape_bytes(array))
+                _feed_array(numpy, data, array)
+                known = (data.digest(), array)
+                self._remember(id(array), *known)
+            self._buffer += b"=" + known[0]
+        else:
+            self._node(array, functools.partial(self._write_array, numpy))
+
+    def _write_array(self, numpy, array):
+        dtype = array.dtype
         if dtype.names is not None:
             self._buffer += b"a"
             self.encode(dtype.descr)
-            self._buffer += shape
+            self._buffer += _shape_bytes(array)
             for name in dtype.names:  # field by field: the padding between fields is not data
                 self.encode(array[name])
-        elif dtype.hasobject:
-            if self._enter(array):
-                self._buffer += b"O" + shape
-                for item in array.reshape(-1).tolist():
-                    self.encode(item)
-                self._leave(array)
         else:
-            self._buffer += b"A" + _str_bytes(dtype.str) + shape
-            self._flush()
-            self._feed_array(numpy, array)
+            self._buffer += b"O" + _shape_bytes(array)
+            for item in array.reshape(-1).tolist():
+                self.encode(item)
 
-    def _feed_array(self, numpy, array):
-        """C-order bytes: contiguous memory as is, otherwise copied a chunk at a time (a view equals its copy)."""
-        if array.flags.c_contiguous:
-            self._hash.update(array.reshape(-1).view(numpy.uint8))
-            return
-        row_bytes = array.nbytes // array.shape[0]
-        if row_bytes >= _ARRAY_CHUNK:
-            for row in array:
-                self._feed_array(numpy, row)
-            return
-        step = max(1, _ARRAY_CHUNK // row_bytes)
-        for start in range(0, array.shape[0], step):
-            chunk = numpy.ascontiguousarray(array[start:start + step])
-            self._hash.update(chunk.reshape(-1).view(numpy.uint8))
-
-    def _encode_set_subclass(self, value):
+    def _write_set_subclass(self, value):
         self._buffer += b"Q"
         self._encode_class(type(value))
-        self._encode_unordered(b"S", value, ((item,) for item in value))
+        self._write_set(b"S", value)
         self.encode(getattr(value, "__dict__", None))
 
     def _encode_reduced(self, value):
-        """Everything else as pickle would rebuild it: reconstructor by reference, args, state, items."""
+        """Everything else as pickle would rebuild it: reconstructor (the user's by its code, a library's by
+        reference), args (where a class stands), state, items."""
         try:
             reducer = copyreg.dispatch_table.get(type(value))  # as pickle does: re.Pattern, registered types
             reduced = reducer(value) if reducer is not None else value.__reduce_ex__(4)
@@ -323,25 +400,34 @@ class _Encoder:
         if isinstance(reduced, str):  # a module global, pickled by name
             self._buffer += b"G" + _str_bytes(str(getattr(value, "__module__", None) or "")) + _str_bytes(reduced)
             return
-        if not self._enter(value):
-            return
-        try:
-            reconstruct, args, state, list_items, dict_items, setter = (tuple(reduced) + (None,) * 6)[:6]
-            self._buffer += b"R"
-            self.encode(reconstruct)
-            self.encode(args)
-            self.encode(state)
-            self.encode(None if list_items is None else list(list_items))
-            if dict_items is None:
-                self._buffer += b"N"
-            elif isinstance(value, OrderedDict):
-                self._encode_ordered_items(b"o", value, dict_items)
-            else:
-                pairs = list(dict_items)
-                self._encode_unordered(b"d", pairs, pairs)
-            self.encode(setter)
-        finally:
-            self._leave(value)
+        self._node(value, functools.partial(self._write_reduced, reduced))
+
+    def _write_reduced(self, reduced, value):
+        reconstruct, args, state, list_items, dict_items, setter = (tuple(reduced) + (None,) * 6)[:6]
+        self._buffer += b"R"
+        self.encode(reconstruct)
+        self._encode_inline(args)
+        self._encode_inline(state)
+        self.encode(None if list_items is None else list(list_items))
+        if dict_items is None:
+            self._buffer += b"N"
+        elif isinstance(value, OrderedDict):
+            self._write_ordered_items(dict_items, value)
+        else:
+            pairs = list(dict_items)
+            self._encode_mapping(pairs, pairs)
+        self.encode(setter)
+
+    def _encode_inline(self, value):
+        """The args and state pickle made for one object are written inside its node, not as nodes of their own:
+        they belong to that object alone, so there is nothing to share or memoise (a third less work per
+        instance)."""
+        if type(value) is tuple:
+            self._write_sequence(value)
+        elif type(value) is dict:
+            self._write_mapping(value.items(), value)
+        else:
+            self.encode(value)
 
     def _unsupported(self, value, exc):
         kind = type(value)
@@ -353,26 +439,8 @@ class _Encoder:
 
 
 class _CodeEncoder(_Encoder):
-    """The fingerprint's encoder: the user's classes and functions by value, libraries by reference."""
-
-    def __init__(self, path=None, visited=None):
-        super().__init__(path)
-        # Classes and functions already encoded, in order of first visit: later visits write that number, so a
-        # helper reached by many paths is hashed once and mutual recursion ends.
-        self._visited = {} if visited is None else visited
-
-    def _child(self):
-        # A copy: members of a set are encoded in hash order, so what one of them visits must not change how
-        # the next one is encoded.
-        return _CodeEncoder(self._path, dict(self._visited))
-
-    def _first_visit(self, obj):
-        seen = self._visited.get(id(obj))
-        if seen is not None:
-            self._buffer += b"v" + _LENGTH.pack(seen[0])
-            return False
-        self._visited[id(obj)] = (len(self._visited), obj)
-        return True
+    """The fingerprint's encoder: the user's classes and functions by value, as nodes (a helper reached by many
+    paths is hashed once, recursion ends at its entry number); libraries by reference."""
 
     def _encode_library_reference(self, tag, obj):
         self._encode_reference(tag, obj)
@@ -384,9 +452,10 @@ class _CodeEncoder(_Encoder):
     def _encode_class(self, cls):
         if _is_library(getattr(cls, "__module__", None)):
             self._encode_library_reference(b"C", cls)
-            return
-        if not self._first_visit(cls):
-            return
+        else:
+            self._node(cls, self._write_class)
+
+    def _write_class(self, cls):
         self._buffer += b"K" + _str_bytes(cls.__qualname__)
         self.encode(cls.__bases__)
         self.encode(type(cls) if type(cls) is not type else None)
@@ -400,21 +469,46 @@ class _CodeEncoder(_Encoder):
     def _encode_function(self, fn):
         if _is_library(getattr(fn, "__module__", None)):
             self._encode_library_reference(b"P", fn)
-            return
-        if not self._first_visit(fn):
-            return
+        else:
+            self._node(fn, self._write_function)
+
+    def _write_function(self, fn):
         self._buffer += b"W"
         self._encode_code(fn.__code__)
         self.encode(fn.__defaults__)
         self.encode(fn.__kwdefaults__)
-        self.encode(tuple(_cell_value(cell) for cell in fn.__closure__ or ()))
+        cells = tuple(_cell_value(cell) for cell in fn.__closure__ or ())
+        self.encode(cells)
         self.encode(getattr(fn, "__dict__", None) or None)  # attributes, and __wrapped__ set by functools.wraps
         namespace = fn.__globals__
-        names = sorted(name for name in _code_names(fn.__code__) if name in namespace)
+        code_names = _code_names(fn.__code__)
+        names = sorted(name for name in code_names if name in namespace)
         self._buffer += _LENGTH.pack(len(names))
         for name in names:
             self._buffer += _str_bytes(name)
             self.encode(namespace[name])
+        self._encode_module_attributes([namespace[name] for name in names] + list(cells), code_names)
+
+    def _encode_module_attributes(self, values, code_names):
+        """The attributes of the user's modules that the code names (``helpers.f``), by value: the module's
+        source covers edits to its file, this covers what is in memory (a reassigned ``helpers.f``)."""
+        pending = {value.__name__: value for value in values
+                   if isinstance(value, types.ModuleType) and not _is_library(value.__name__)}
+        done = set()
+        while pending:
+            name = min(pending)
+            module = pending.pop(name)
+            done.add(name)
+            namespace = vars(module)
+            attributes = sorted(code_names.intersection(namespace))
+            self._buffer += b"x" + _str_bytes(name) + _LENGTH.pack(len(attributes))
+            for attribute in attributes:
+                value = namespace[attribute]
+                self._buffer += _str_bytes(attribute)
+                self.encode(value)
+                if (isinstance(value, types.ModuleType) and value.__name__ not in done
+                        and not _is_library(value.__name__)):
+                    pending[value.__name__] = value
 
     def _encode_other(self, value):
         if not isinstance(value, (type, types.FunctionType, types.MethodType)):
@@ -432,6 +526,42 @@ class _CodeEncoder(_Encoder):
         log.debug("fingerprint: %s.%s cannot be encoded (%s: %s); it counts by its type only",
                   kind.__module__, kind.__qualname__, type(exc).__name__, exc)
         self._buffer += b"U" + _str_bytes(kind.__module__) + _str_bytes(kind.__qualname__)
+
+
+def _first(item):
+    return item[0]
+
+
+def _shape_bytes(array):
+    return _LENGTH.pack(array.ndim) + b"".join(_LENGTH.pack(n) for n in array.shape)
+
+
+def _feed_array(numpy, data, array):
+    """C-order bytes: contiguous memory as is, otherwise copied a chunk at a time (a view equals its copy)."""
+    if array.flags.c_contiguous:
+        data.update(array.reshape(-1).view(numpy.uint8))
+        return
+    row_bytes = array.nbytes // array.shape[0]
+    if row_bytes >= _ARRAY_CHUNK:
+        for row in array:
+            _feed_array(numpy, data, row)
+        return
+    step = max(1, _ARRAY_CHUNK // row_bytes)
+    for start in range(0, array.shape[0], step):
+        chunk = numpy.ascontiguousarray(array[start:start + step])
+        data.update(chunk.reshape(-1).view(numpy.uint8))
+
+
+def _source_digest(module):
+    """blake2b of the module's file (a package's ``__init__.py``); None when there is no file to read."""
+    location = getattr(module, "__file__", None)
+    try:
+        with open(location, "rb") as source:
+            return hashlib.file_digest(source, lambda: hashlib.blake2b(digest_size=16)).digest()
+    except (OSError, TypeError) as exc:
+        log.debug("identity: the source of module %s cannot be read (%s); it counts by its name only",
+                  module.__name__, exc)
+        return None
 
 
 class _Empty:

@@ -101,6 +101,9 @@ class MPIMapMagics(Magics):
                                    "keep the cached results anyway")
     @magic_arguments.argument("--retries", type=int, default=0, metavar="N",
                               help="run a failing job up to N more times before reporting it (default 0)")
+    @magic_arguments.argument("--prune", action="store_true",
+                              help="after success, forget stored results whose argument is not in ITERABLE "
+                                   "(by default every result computed for OUTPUT is kept)")
     @magic_arguments.argument("--timeout", type=float, default=None, metavar="SECONDS",
                               help="stop a job that runs longer and record it as failed (default: no limit)")
     @magic_arguments.argument("--chunksize", type=int, default=None, metavar="K",
@@ -164,6 +167,7 @@ class MPIMapMagics(Magics):
             raise UsageError(f"the iterable {loop.iterable!r} raised {type(exc).__name__}: {exc}") from None
         args = job_list(iterable)
         options = {"retries": opts.retries, "force": opts.force, "chunksize": opts.chunksize, "timeout": opts.timeout,
+                   "prune": opts.prune,
                    "on_code_change": "reuse" if opts.reuse else "error"}
         return argparse.Namespace(job=job, args=args, output=cache.output, options=options, out=opts.out,
                                   no_wait=opts.no_wait, profile=opts.profile, cluster_id=opts.cluster_id)

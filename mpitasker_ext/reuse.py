@@ -15,6 +15,7 @@ from . import cache as cachemod
 from . import store as storemod
 from .errors import CacheError, CodeChanged
 from .execution import execute_job, short_repr
+from .identity import args_digests
 from .sweep import Outcome
 
 log = logging.getLogger(__name__)
@@ -57,7 +58,7 @@ def prepare(sweep):
     cache.check_output_path()
     cachemod.check_picklable(sweep.args)
     fingerprint = sweep.fingerprint or cachemod.code_fingerprint(sweep.fn)
-    digests = [cachemod.args_digest(arg) for arg in sweep.args]
+    digests = args_digests(sweep.args)
     cache.create()
     cache.acquire_lock()
     try:

@@ -20,6 +20,7 @@ from IPython.core.interactiveshell import InteractiveShell
 from conftest import REPO
 from mpitasker_ext import CodeChanged, cache, closure
 from mpitasker_ext.errors import UsageError
+from mpitasker_ext.identity import args_digests
 
 SEEDS = ("1", "2", "3")
 
@@ -152,6 +153,162 @@ def test_fast_paths_give_the_general_encoding():
         encoder = _Encoder()
         encoder.encode(value)
         assert cache.args_digest(value) == encoder.digest(), value
+
+
+def _defined_in_main(source, **names):
+    """What `source` defines, as if typed in a notebook cell (module __main__: the user's code)."""
+    namespace = {"__name__": "__main__", **names}
+    exec(textwrap.dedent(source), namespace)  # noqa: S102 - test code standing for a notebook cell
+    return namespace
+
+
+def test_functions_in_arguments_count_by_their_code_closure_and_defaults():
+    make = _defined_in_main("""
+        def make(k):
+            def f(x):
+                return x + k
+            return f
+    """)["make"]
+    assert cache.args_digest(make(1)) != cache.args_digest(make(100))
+    assert cache.args_digest(make(1)) == cache.args_digest(make(1))
+    assert cache.args_digest([make(1), make(2)]) != cache.args_digest([make(10), make(20)])
+    one, two = _defined_in_main("f = lambda: 1")["f"], _defined_in_main("f = lambda: 2")["f"]
+    assert cache.args_digest(one) != cache.args_digest(two)
+    assert cache.args_digest(os.path.join) == cache.args_digest(os.path.join)  # a library's: by reference
+
+
+MODEL = """
+    class Model:
+        def __init__(self, k):
+            self.k = k
+        def run(self):
+            return self.k * 2
+"""
+
+
+def test_editing_the_class_of_an_argument_changes_its_digest():
+    first, edited, again = (_defined_in_main(MODEL.replace("2", factor))["Model"] for factor in "232")
+    assert cache.args_digest(first(1)) != cache.args_digest(edited(1))
+    assert cache.args_digest(first(1)) == cache.args_digest(again(1))
+    assert args_digests([first(1), first(2)]) != args_digests([edited(1), edited(2)])
+    assert cache.args_digest(first(1)) != cache.args_digest(first(2))
+
+
+def test_args_digests_hashes_a_class_once_per_call_and_agrees_with_args_digest(monkeypatch):
+    from mpitasker_ext import identity
+    space = _defined_in_main(textwrap.dedent(MODEL) + textwrap.dedent("""
+        def build(k):
+            return Model(k)
+        Model.default = Model(0)
+    """))
+    model = space["Model"]
+    tree = {"shared": [1, 2, 3]}
+    loop = [tree]
+    loop.append(loop)
+    args = [model(1), model(2), model, model.run, model(3).run, space["build"], (tree, tree), loop, [loop, tree],
+            model.default, 7, "x"]
+    assert args_digests(args) == [cache.args_digest(arg) for arg in args]  # rank 0 and the workers agree
+
+    counted = []
+    real = identity._code_digest
+    monkeypatch.setattr(identity, "_code_digest", lambda obj, shared: counted.append(obj) or real(obj, shared))
+    many = [model(i) for i in range(1000)]
+    before = args_digests(many)
+    assert counted.count(model) == 1
+    monkeypatch.setattr(model, "run", lambda self: self.k * 3)  # edited between two calls: hashed again
+    assert args_digests(many)[0] != before[0]
+
+
+def test_a_user_module_counts_by_its_source_and_the_attributes_code_reads(tmp_path, monkeypatch, caplog):
+    name = f"idhelpers_{uuid.uuid4().hex}"
+    source = tmp_path / f"{name}.py"
+    source.write_text("def f(x):\n    return x * 2\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    helpers = __import__(name)
+    monkeypatch.setitem(sys.modules, name, helpers)
+    uses = _defined_in_main("def g(x):\n    return helpers.f(x)\n", helpers=helpers)["g"]
+    fp = cache.code_fingerprint
+    first, module_first, as_argument = fp(uses), fp(helpers), cache.args_digest(helpers)
+
+    source.write_text("def f(x):\n    return x * 5\n")  # edited next to the notebook, not reloaded
+    assert fp(uses) != first
+    assert fp(helpers) != module_first
+    assert cache.args_digest(helpers) != as_argument
+    source.write_text("def f(x):\n    return x * 2\n")
+    assert (fp(uses), fp(helpers)) == (first, module_first)
+
+    monkeypatch.setattr(helpers, "f", lambda x: x * 7)  # patched in memory: the file is unchanged
+    assert fp(uses) != first
+    monkeypatch.undo()
+    assert fp(uses) == first
+
+    source.unlink()
+    with caplog.at_level(logging.DEBUG, logger="mpitasker_ext.identity"):
+        assert fp(uses) != first  # only the name is left to count
+    assert name in caplog.text
+    assert fp(os) == fp(os)  # a library module: by name
+
+
+def _grid(n):
+    nodes = [[Plain((r, c)) for c in range(n)] for r in range(n)]
+    for r in range(n):
+        for c in range(n):
+            nodes[r][c].neighbours = [nodes[r + dr][c + dc] for dr, dc in ((0, 1), (1, 0), (0, -1), (-1, 0))
+                                      if 0 <= r + dr < n and 0 <= c + dc < n]
+    return nodes
+
+
+def _doubled(levels, share=True):
+    x = [1]
+    for _ in range(levels):
+        x = [x, x if share else copy.deepcopy(x)]
+    return x
+
+
+def test_shared_parts_and_interlinked_objects_take_linear_time():
+    import time
+    started = time.perf_counter()
+    cache.args_digest(_doubled(20))  # 2 ** 20 paths, 21 lists
+    cache.args_digest(_grid(5)[0][0])  # every node reaches every other by many paths
+    assert time.perf_counter() - started < 0.5
+
+    assert cache.args_digest(_doubled(6)) == cache.args_digest(_doubled(6, share=False))  # sharing is not data
+    assert cache.args_digest(_doubled(6)) != cache.args_digest(_doubled(7))
+    one, other = _grid(4), _grid(4)
+    assert cache.args_digest(one[0][0]) == cache.args_digest(other[0][0])
+    assert cache.args_digest(one) == cache.args_digest(other)
+    other[3][3].value = (9, 9)
+    assert cache.args_digest(one[0][0]) != cache.args_digest(other[0][0])
+
+
+def test_an_interlinked_argument_is_the_same_under_every_hash_seed():
+    code = textwrap.dedent("""
+        from mpitasker_ext.cache import args_digest
+        class Node:
+            def __init__(self, name):
+                self.name, self.links, self.tags = name, [], {name, name * 2}
+        nodes = [Node(c) for c in "abcdefgh"]
+        for i, node in enumerate(nodes):
+            node.links += [nodes[(i + 1) % 8], nodes[(i * 3) % 8]]
+        def make(k):
+            return lambda x: x + k
+        print(args_digest((nodes, {n.name: n for n in nodes}, make(3), {frozenset(n.tags) for n in nodes})).hex())
+    """)
+    assert len(set(in_fresh_processes(code))) == 1
+
+
+def test_dict_keys_of_one_form_do_not_depend_on_insertion_order():
+    nan, other_nan = float("nan"), float("nan")
+    assert cache.args_digest({nan: 1, other_nan: [2]}) == cache.args_digest({other_nan: [2], nan: 1})
+    assert cache.args_digest({nan: 1, other_nan: [2]}) != cache.args_digest({nan: 1, other_nan: [3]})
+
+
+def test_an_argument_deeper_than_the_recursion_limit_is_a_usage_error():
+    deep = None
+    for i in range(sys.getrecursionlimit() * 2):
+        deep = Spec({i}, {"next": deep})
+    with pytest.raises(UsageError, match="nests too deeply"):
+        cache.args_digest(deep)
 
 
 @pytest.mark.parametrize("make, name", [
@@ -400,3 +557,15 @@ def test_rerun_after_a_class_attribute_edit_raises_code_changed(shell, tmp_path,
     shell.run_cell(textwrap.dedent(EDITS["class attribute through an instance"][0]).replace("2", "3"))
     with pytest.raises(CodeChanged):
         magics.mpimap(line, "c.apply(x)")
+
+
+def test_a_cell_calling_into_a_user_module_follows_its_source(shell, tmp_path, monkeypatch):
+    """`import helpers` then `helpers.f(x)` in the cell: editing helpers.py (or rebinding helpers.f) is a change."""
+    monkeypatch.syspath_prepend(str(tmp_path))
+    (tmp_path / "helpers_nb.py").write_text("def f(x):\n    return x * 2\n")
+    before = cell_fingerprint(shell, "import helpers_nb", "helpers_nb.f(x)")
+    (tmp_path / "helpers_nb.py").write_text("def f(x):\n    return x * 7\n")
+    assert cell_fingerprint(shell, "", "helpers_nb.f(x)") != before
+    edited = cell_fingerprint(shell, "", "helpers_nb.f(x)")
+    assert cell_fingerprint(shell, "helpers_nb.f = lambda x: -x", "helpers_nb.f(x)") != edited
+    assert cell_fingerprint(shell, "import numpy as np", "np.sqrt(x)") == cell_fingerprint(shell, "", "np.sqrt(x)")

@@ -2,6 +2,7 @@
 
 import os
 import pickle
+import shutil
 import sys
 import textwrap
 
@@ -172,6 +173,7 @@ def test_malformed_lines_launch_nothing_and_write_nothing(shell, mpi_cluster, tm
     shell.run_cell_magic("mpimap", f"{ON} ok.pkl for x in range(2)", "x")   # connect, check the world
     os.remove(tmp_path / "ok.pkl")
     os.remove(tmp_path / "ok.pkl.code.json")
+    shutil.rmtree(tmp_path / "ok.pkl.cache")
     magics = shell.magics_manager.registry["MPIMapMagics"]
     sent_before = len(magics._client.history)
     with pytest.raises(UsageError, match=message):
