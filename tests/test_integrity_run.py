@@ -187,7 +187,7 @@ def test_a_stored_result_that_no_longer_loads_is_computed_again_in_the_same_run(
     assert list(values) == [0, 1, 4, 9]
     with open("order.pkl", "rb") as f:
         assert pickle.load(f) == ([(i, [i], i * i) for i in range(4)],)
-    assert calls in ([0, 1, 3], [0, 1, 2, 3])
+    assert sorted(calls) == [0, 1, 2, 3]                # 2 again, on rank 0, when its stored copy would not load
     calls.clear()
     assert list(mpimap(lambda x: calls.append(x) or x * x, range(4), "order.pkl", comm=None, progress=False)) == \
         [0, 1, 4, 9]

@@ -263,7 +263,7 @@ def test_adopt_index_and_lazy_reads(tmp_path):
     assert store.Results(output, kind="values")[-1] == 40 and markers[4].exists() and not markers[0].exists()
 
 
-def test_results_behave_like_a_list(tmp_path):
+def test_results_behave_like_a_list(tmp_path, monkeypatch):
     output, rs, _ = finished_store(tmp_path, [i * i for i in range(20)], args=[f"a{i}" for i in range(20)])
     results = store.Results(output)
     expected = [(i, [f"a{i}"], i * i) for i in range(20)]
@@ -275,6 +275,8 @@ def test_results_behave_like_a_list(tmp_path):
     with pytest.raises(TypeError):
         results["1"]
     assert list(results) == expected and results.to_list() == expected
+    assert repr(results) == repr(expected)                 # printed whole, as the list it stands for
+    monkeypatch.setattr(store, "_REPR_WHOLE", 7)
     assert repr(results) == "[" + ", ".join(map(repr, expected[:3])) + ", ..., " + ", ".join(
         map(repr, expected[-3:])) + "] (20 items)"
     assert repr(store.Results(output, kind="values")[:4]) == "[0, 1, 4, 9]"
