@@ -179,7 +179,7 @@ def run_serial(sweep):
     log.info("%d jobs: %d cached, %d to run serially", len(sweep.args), prepared.cached, len(prepared.pending))
     try:
         ledger.maybe_write(force=True)
-        queue = deque(prepared.pending)
+        queue, prepared.pending = deque(prepared.pending), None     # the jobs' indices go as they run
         journal = prepared.cache.new_journal(0) if queue else None
         try:
             while queue:
@@ -310,7 +310,7 @@ def _root(sweep, comm, MPI):
     gone = set()
     try:
         ledger.maybe_write(force=True)
-        fatal = _dispatch(sweep, comm, MPI, prepared.pending, ledger, gone)
+        fatal = _dispatch(sweep, comm, MPI, prepared, ledger, gone)
         fatal = _stop_workers(comm, MPI, gone) or fatal
         if fatal:
             ledger.maybe_write("failed", force=True)
@@ -359,11 +359,11 @@ def batch_size(seconds_per_job, remaining, nworkers, chunksize=None):
     return max(1, min(size, fair, remaining))
 
 
-def _dispatch(sweep, comm, MPI, pending, ledger, gone):
+def _dispatch(sweep, comm, MPI, prepared, ledger, gone):
     """Feed workers until every job has reported; return a fatal worker message, or ''. Workers that left
     the run (interrupted) are added to ``gone``: nobody waits for them any more."""
     workers = list(range(1, comm.size))
-    queue = deque(pending)
+    queue, prepared.pending = deque(prepared.pending), None     # the jobs' indices go as they run
     outstanding = {w: deque() for w in workers}
     per_job = None
     fatal = ""

@@ -7,6 +7,7 @@ results of one output path until the user discards them, so a grid narrowed and 
 See docs/design.md for the byte layouts.
 """
 
+import array
 import collections
 import collections.abc
 import errno
@@ -182,6 +183,29 @@ class LocationMap(collections.abc.Mapping):
 _OFFSET_MASK = (1 << 48) - 1
 
 
+class _IndexLocations:
+    """Ok records of the current grid, by job index: two flat arrays (journal|offset, length), 0 = none."""
+
+    def __init__(self, mapping, grid):
+        self._mapping, self.grid = mapping, grid
+        self._where = array.array("Q", bytes(8 * len(grid)))
+        self._length = array.array("L", bytes(array.array("L").itemsize * len(grid)))
+
+    def put(self, index, where, length):
+        if not self._where[index]:                  # the first valid record of a job, as for digests
+            self._where[index], self._length[index] = where, length
+
+    def get(self, index):
+        where = self._where[index]
+        if not where:
+            return None
+        return Location(self._mapping._paths[where >> 48], where & _OFFSET_MASK, self._length[index])
+
+    def holds(self, index, digest):
+        """Whether job ``index``, of argument ``digest``, has its ok record here."""
+        return 0 <= index < len(self.grid) and bool(self._where[index]) and self.grid[index] == digest
+
+
 @dataclass
 class Scan:
     """What the journals hold, from headers and checksums only.
@@ -192,6 +216,7 @@ class Scan:
     ``old_format``: ok records of format-2 journals, passed over (their payload is a bare pickle)."""
 
     ok: LocationMap = field(default_factory=LocationMap)
+    at_index: object = None
     failed: dict = field(default_factory=dict)
     interrupted: list = field(default_factory=list)
     records: int = 0
@@ -217,12 +242,16 @@ def _header(data):
     return None, None
 
 
-def scan_journals(paths):
+def scan_journals(paths, grid=None):
     """Find every record in these journals without unpickling anything or holding a payload in memory.
 
     Damage is handled as ``cache.decode_journal`` does (skip to the next frame magic, one warning per file), so a
-    torn or flipped record is a miss, never a crash."""
+    torn or flipped record is a miss, never a crash. With ``grid`` (the current run's digests, by job index), an
+    ok record written for job i of this very grid is kept by index in ``Scan.at_index`` (12 bytes a job) rather
+    than in the digest mapping (~120 bytes a record): what a run just computed costs rank 0 little memory."""
     scan = Scan()
+    if grid is not None:
+        scan.at_index = _IndexLocations(scan.ok, grid)
     interrupted = []
     for path in paths:
         try:
@@ -236,6 +265,9 @@ def scan_journals(paths):
             interrupted.append((st.st_mtime, info))
     for digest in scan.ok._codes.keys() & scan.failed.keys():
         del scan.failed[digest]
+    if scan.at_index is not None:
+        for digest in [d for d, rec in scan.failed.items() if scan.at_index.holds(rec.index, d)]:
+            del scan.failed[digest]
     scan.interrupted = [info for _, info in sorted(interrupted, key=lambda item: item[0])]
     return scan
 
@@ -252,6 +284,8 @@ def _scan_file(path, f, size, scan):
     info = cachemod.JournalInfo(path, header.get("rank"), header.get("pid"), header.get("host", ""))
     usable = version == cachemod.FORMAT_VERSION
     ok, failed = scan.ok._codes, scan.failed
+    at_index = scan.at_index
+    grid = at_index.grid if at_index is not None else None
     journal = len(scan.ok._paths) << 48
     scan.ok._paths.append(path)
     frame_unpack, fields_unpack, crc32 = cachemod._FRAME.unpack_from, cachemod._FIELDS.unpack_from, zlib.crc32
@@ -287,6 +321,8 @@ def _scan_file(path, f, size, scan):
                         records += 1
                         if not usable:
                             old += 1
+                        elif grid is not None and index < len(grid) and grid[index] == digest:
+                            at_index.put(index, journal | pos, _HEAD + length)
                         elif digest not in ok:
                             ok[digest] = (journal | pos) << 32 | (_HEAD + length)
                         unfinished.discard(index)
@@ -373,6 +409,54 @@ def read_value(location, file=None):
     return pickled.load()
 
 
+class OpenJournals:
+    """Journals kept open while many results are read in a row (the output stream): small journals are read
+    whole once (results of cheap jobs are tiny, and one syscall each would dominate), up to ``budget`` bytes in
+    all; larger ones are read a frame at a time."""
+
+    def __init__(self, budget=64 * 2**20):
+        self._budget = budget
+        self._data = {}
+        self._files = {}
+
+    def read_value(self, location):
+        journal = location.journal
+        data = self._data.get(journal)
+        if data is None:
+            f = self._files.get(journal)
+            if f is None:
+                try:
+                    f = open(journal, "rb", buffering=0)  # noqa: SIM115 - kept open across calls, closed in close()
+                except FileNotFoundError:
+                    raise DamagedRecord(f"the journal {journal} holding a stored result is gone; rerun to "
+                                        "recompute the result") from None
+                size = os.fstat(f.fileno()).st_size
+                if size <= self._budget:
+                    self._budget -= size
+                    data = self._data[journal] = f.read()
+                    f.close()
+                else:
+                    self._files[journal] = f
+        if data is not None:
+            return _load_frame(location, bytearray(data[location.offset:location.offset + location.length]))
+        return read_value(location, f)
+
+    def close(self):
+        for f in self._files.values():
+            f.close()
+        self._files.clear()
+        self._data.clear()
+
+
+def _load_frame(location, frame):
+    _check_frame(location, frame, len(frame))
+    try:
+        pickled = decode_payload(memoryview(frame)[_FIXED:])
+    except ValueError as exc:
+        raise _damaged(location, str(exc)) from None
+    return pickled.load()
+
+
 def _read_frame(location, file=None):
     journal, offset, length = location
     if length < _FIXED:
@@ -387,6 +471,14 @@ def _read_frame(location, file=None):
     except FileNotFoundError:
         raise DamagedRecord(f"the journal {journal} holding a stored result is gone; rerun to recompute "
                             "the result") from None
+    _check_frame(location, frame, n)
+    return frame
+
+
+def _check_frame(location, frame, n):
+    length = location.length
+    if length < _FIXED:
+        raise _damaged(location, f"a frame of {length} bytes is shorter than its header")
     if n != length:
         raise _damaged(location, f"the file ends {length - n} bytes early")
     magic, body_length, crc = cachemod._FRAME.unpack_from(frame, 0)
@@ -399,7 +491,6 @@ def _read_frame(location, file=None):
     kind = cachemod._FIELDS.unpack_from(frame, _HEAD)[1]
     if kind != cachemod.OK:
         raise _damaged(location, f"it is not a result record (kind {kind})")
-    return frame
 
 
 def _pread_into(f, buffer, offset):

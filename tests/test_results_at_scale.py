@@ -121,3 +121,28 @@ def test_results_larger_than_a_ranks_memory_limit(runner):
     lines = [line.split() for line in proc.stdout.splitlines() if line.startswith("RESULT")]
     assert len(lines) == 3 and all(line[2] == "True" for line in lines), proc.stdout + proc.stderr
     assert max(int(line[3]) for line in lines) < 300
+
+
+def test_notebook_results_come_from_the_store_not_through_the_engines(mpi_cluster, tmp_path, monkeypatch):
+    """-o NAME is a lazy list-like read from OUTPUT.cache/ by the kernel; engines reply with a status only."""
+    from IPython.core.interactiveshell import InteractiveShell
+
+    from conftest import CLUSTER_PROFILE
+    from mpitasker_ext import cluster as clustermod
+
+    shell = InteractiveShell.instance()
+    shell.run_line_magic("load_ext", "mpitasker_ext")
+    monkeypatch.chdir(tmp_path)
+    replies = []
+    collect = clustermod.collect
+    monkeypatch.setattr(clustermod, "collect", lambda future, output: replies.append(future.get()) or
+                        collect(future, output))
+    shell.run_cell("import numpy as np")
+    shell.run_cell_magic("mpimap", f"--profile {CLUSTER_PROFILE} -o spectra big.pkl for i in range(30)",
+                         "np.full(100_000, float(i))\n")
+    spectra = shell.user_ns["spectra"]
+    assert isinstance(spectra, Results) and len(spectra) == 30
+    assert [float(v[7]) for v in spectra] == [float(i) for i in range(30)]
+    assert max(len(data) for data in replies[0]) < 2000       # 24 MB of results, none of it in the replies
+    assert [t[0] for t in load(str(tmp_path / "big.pkl"))] == list(range(30))
+    del shell.user_ns["spectra"], shell.user_ns["np"]
