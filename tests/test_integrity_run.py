@@ -276,3 +276,58 @@ def test_an_interrupted_worker_stops_the_run_cleanly_and_the_rerun_resumes(runne
     assert proc.stdout.count("RESULT") == 3 and "False" not in proc.stdout
     rerun = runner.executions()
     assert 40 in rerun and not set(rerun) & (set(first) - {40})
+
+
+def test_a_job_that_swallows_its_timeout_is_still_stopped_and_failed(in_tmp):
+    import time
+
+    def stubborn(x):
+        if x == 1:
+            for _ in range(4):
+                try:
+                    time.sleep(1)
+                    return x
+                except BaseException:  # noqa: BLE001 - the job fights the stop on purpose
+                    continue
+        return x
+    started = time.monotonic()
+    with pytest.raises(JobsFailed, match="timeout=0.5") as info:
+        mpimap(stubborn, range(3), "s.pkl", comm=None, progress=False, timeout=0.5)
+    assert info.value.indices == [1] and time.monotonic() - started < 15   # stopped again every second
+
+
+def test_scripts_apply_the_code_change_policy_to_finished_results(in_tmp):
+    """Not only the notebook: a script asking on_code_change='error' is asked, even after a finished run."""
+    mpimap(lambda x: x * 2, range(3), "p.pkl", comm=None, progress=False)
+    with pytest.raises(CodeChanged):
+        mpimap(lambda x: x * 5, range(3), "p.pkl", comm=None, progress=False, on_code_change="error")
+    assert list(mpimap(lambda x: x * 5, range(3), "p.pkl", comm=None, progress=False,
+                       on_code_change="recompute")) == [0, 5, 10]
+
+
+CLOSE_FAILS = """
+import errno, os
+from mpi4py import MPI
+import mpitasker_ext.cache as c
+from mpitasker_ext import mpimap, WorkerError
+if MPI.COMM_WORLD.rank == 1:
+    real_close = c.JournalWriter.close
+    def close(self):
+        real_close(self)
+        raise OSError(errno.EIO, "simulated fsync failure at close")
+    c.JournalWriter.close = close
+try:
+    mpimap(lambda x: x * 2, range(6), "out.pkl", progress=False)
+    print("RESULT", MPI.COMM_WORLD.rank, "finished", flush=True)
+except WorkerError as exc:
+    print("RESULT", MPI.COMM_WORLD.rank, "WorkerError", str(exc).splitlines()[0], flush=True)
+except OSError as exc:
+    print("RESULT", MPI.COMM_WORLD.rank, "OSError", flush=True)
+"""
+
+
+@pytest.mark.mpi
+def test_a_worker_failing_to_close_its_journal_is_reported_not_waited_for(runner):
+    proc = runner.run(runner.write("close.py", CLOSE_FAILS), 3, timeout=60, check=False)
+    assert "RESULT 0 WorkerError" in proc.stdout and "cannot close its journal" in proc.stdout, \
+        proc.stdout + proc.stderr

@@ -174,13 +174,14 @@ def test_a_dying_engine_is_reported_with_the_jobs_it_ran(tmp_path, monkeypatch):
         monkeypatch.chdir(tmp_path)
         ip = InteractiveShell.instance()
         ip.run_line_magic("load_ext", "mpitasker_ext")
-        handle = ip.run_cell_magic("mpimap", f"--profile {profile} --no-wait d.pkl for x in range(200)",
-                                   "import time\ntime.sleep(0.05)\nx")
+        # jobs of 0.5 s: a worker is between two jobs (and so runs none) for a few ms in 500
+        handle = ip.run_cell_magic("mpimap", f"--profile {profile} --no-wait d.pkl for x in range(60)",
+                                   "import time\ntime.sleep(0.5)\nx")
         log_dir = tmp_path / "d.pkl.mpi"
         deadline = time.time() + 30
         while time.time() < deadline and len(list(log_dir.glob("journal-*"))) < 3:
             time.sleep(0.05)
-        time.sleep(0.5)
+        time.sleep(0.7)
         os.kill(pids[2], signal.SIGKILL)
         with pytest.raises(EnginesDied) as info:
             handle.result(timeout=60)

@@ -315,3 +315,27 @@ def test_pages_run_no_planted_script_and_link_odd_names(planted):
         assert page.url.split("?")[0].endswith("/mpitasker/run/a%23b%3Fc.pkl")
         browser.close()
     assert_no_marker(markers)
+
+
+def test_files_inside_a_run_directory_that_lead_elsewhere_or_block_are_not_read(tmp_path):
+    """A real .mpi directory whose status.json or journal is a symlink out of the root, or a FIFO: readers refuse
+    them (no secret served, no reader blocked)."""
+    root, outside = tmp_path / "root", tmp_path / "outside"
+    root.mkdir()
+    outside.mkdir()
+    plant_status(outside, "other.pkl", dict(FINE_STATUS, failures=[{"index": 1, "error": "SECRET-STATUS"}]))
+    plant_journal(outside, "other2.pkl", tmp_path / "m1", tmp_path / "m2")
+    linked = root / "x.pkl.mpi"
+    linked.mkdir()
+    os.symlink(outside / "other.pkl.mpi" / cache.STATUS, linked / cache.STATUS)
+    os.symlink(outside / "other2.pkl.mpi" / "journal-r00001-planted.bin", linked / "journal-r00001-aaaa.bin")
+    blocking = root / "y.pkl.mpi"
+    blocking.mkdir()
+    os.mkfifo(blocking / cache.STATUS)
+    started = time.monotonic()
+    for name in ("x.pkl", "y.pkl"):
+        snapshot = progress.read_progress(root / name)
+        assert "SECRET" not in json.dumps(snapshot.to_dict()) and snapshot.failures == []
+    proc = subprocess.run([sys.executable, "-m", "mpitasker_ext", "status", str(root / "y.pkl")], capture_output=True,
+                          text=True, env=dict(os.environ, PYTHONPATH=REPO), timeout=30)
+    assert proc.returncode in (0, 1) and time.monotonic() - started < 20
