@@ -229,12 +229,13 @@ def decode_journal(data, name="journal"):
 class JournalWriter:
     """Append-only journal of one process: no locks needed, a kill loses nothing already written."""
 
-    def __init__(self, path, rank=None, fsync_interval=FSYNC_INTERVAL):
+    def __init__(self, path, rank=None, fsync_interval=FSYNC_INTERVAL, code=None):
         self.path = path
         self._fsync_interval = fsync_interval
         self._fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_APPEND, 0o644)
         self._last_sync = time.monotonic()
-        writer = {"rank": rank, "pid": os.getpid(), "host": socket.gethostname(), "started": time.time()}
+        writer = {"rank": rank, "pid": os.getpid(), "host": socket.gethostname(), "started": time.time(),
+                  "code": code}
         self._write((JOURNAL_MAGIC_LINE % FORMAT_VERSION)[:-1] + b" " + json.dumps(writer).encode() + b"\n")
 
     def append(self, index, ok, digest, seconds, payload):
@@ -352,6 +353,16 @@ def read_regular(path, limit=None):
         if limit is not None and os.fstat(f.fileno()).st_size > limit:
             raise OSError(errno.EFBIG, f"larger than {limit} bytes", path)
         return f.read()
+
+
+def journal_code(path):
+    """The code fingerprint a journal's header names (None when unknown: an older or a merged journal)."""
+    try:
+        with open_regular(path) as f:
+            info = journal_header(f.read(4096))
+    except OSError:
+        return None
+    return info.get("code") if isinstance(info, dict) and isinstance(info.get("code"), str) else None
 
 
 def _read_json(path):
@@ -621,11 +632,12 @@ class RunCache:
         return sorted(os.path.join(self.run_dir, n) for n in names
                       if n.startswith(JOURNAL_PREFIX) and n.endswith(JOURNAL_SUFFIX))
 
-    def new_journal(self, rank):
-        """A fresh journal for this process; a new file per run, so a torn tail is never appended to."""
+    def new_journal(self, rank, code=None):
+        """A fresh journal for this process; a new file per run, so a torn tail is never appended to. ``code``
+        (the fingerprint of the code that computes its results) goes in its header line."""
         name = f"{JOURNAL_PREFIX}r{rank:05d}-{secrets.token_hex(4)}{JOURNAL_SUFFIX}"
         try:
-            return JournalWriter(self.path(name), rank)
+            return JournalWriter(self.path(name), rank, code=code)
         except OSError as exc:
             raise CacheError(f"cannot create journal {self.path(name)}: {exc.strerror}") from exc
 

@@ -179,27 +179,23 @@ def _remove_if_unused(cache):
 
 
 def _apply_reuse_rules(sweep, cache, store, fingerprint, digests):
-    """Decide what earlier results may serve this run (see docs/design.md, "Reuse rules")."""
+    """Decide what earlier results may serve this run (see docs/design.md, "Reuse rules").
+
+    Every journal names the code fingerprint its results were computed with, so the code-change policy is
+    applied to exactly the results made by other code, wherever they are (an interrupted run, the store)."""
     if sweep.force:
         _discard_everything(cache, store)
-    elif _run_started(cache):                        # an interrupted run resumes from its own records
-        manifest = cache.read_manifest()
-        if manifest is None and cache.journal_paths():
-            log.warning("%s has records but no readable manifest; records are still checked job by job",
-                        cache.run_dir)
-        elif manifest is not None and manifest.get("code") != fingerprint and _has_results(cache, store):
-            what = (f"the job function's code changed since {cache.run_dir} was written "
-                    f"(function {manifest.get('function')!r} then, {sweep.function_name!r} now)")
+    else:
+        journals = store.journal_paths() + cache.journal_paths()
+        other = [path for path in journals if cachemod.journal_code(path) != fingerprint]
+        if other:
+            before = (cache.read_manifest() or store.read_meta() or {}).get("function")
+            what = (f"the job function's code changed since {len(other)} of the {len(journals)} journals of "
+                    f"stored results of {cache.output} were written (function {before!r} then, "
+                    f"{sweep.function_name!r} now)")
             if not _code_change(sweep, what):
-                cache.discard_records()
-                store.discard()
-    elif store.exists():
-        meta = store.read_meta() or {}
-        if meta.get("code") != fingerprint and store.journal_paths():
-            what = (f"the job function's code changed since the results in {store.path} were computed "
-                    f"(function {meta.get('function')!r} then, {sweep.function_name!r} now)")
-            if not _code_change(sweep, what):
-                store.discard()
+                for path in other:
+                    os.unlink(path)
     _write_manifest(sweep, cache, fingerprint)
     if not sweep.force and not _has_results(cache, store) and os.path.exists(cache.output):
         _adopt_plain_output(sweep, cache, fingerprint, digests)
@@ -222,12 +218,11 @@ def _run_started(cache):
 
 
 def _discard_everything(cache, store):
-    """``force``: the journals, the store and the old output go before any new work, so nothing of them can
-    come back."""
+    """``force``: the old output, the journals and the store go before any new work, so nothing of them can
+    come back. The output goes first: a force stopped half way must not leave an output without its store,
+    which the next run would adopt."""
     if _has_results(cache, store) or os.path.exists(cache.output):
         log.warning("force: discarding the stored results of %s", cache.output)
-    cache.discard_records()
-    store.discard()
     for path in (cache.output, cache.meta_path):
         try:
             os.unlink(path)
@@ -235,6 +230,8 @@ def _discard_everything(cache, store):
             pass
         except OSError as exc:
             raise disk_error(cache, "remove the old output of", exc) from exc
+    cache.discard_records()
+    store.discard()
 
 
 def _adopt_plain_output(sweep, cache, fingerprint, digests):
@@ -262,7 +259,7 @@ def _adopt_plain_output(sweep, cache, fingerprint, digests):
                 continue
             if journal is None:
                 cache.create()
-                journal = cache.new_journal(0)
+                journal = cache.new_journal(0, code=fingerprint)
             journal.append_value(index if isinstance(index, int) and index >= 0 else 0, digest, 0.0, encoded)
             copied += 1
     finally:
@@ -409,7 +406,7 @@ def _write_output(sweep, prepared, locations):
             log.warning("the cached result of job %d cannot be loaded (%s: %s); recomputing it", index,
                         type(exc).__name__, exc)
             _set_aside(locations[index])
-            value = again[digest] = _compute_again(sweep, index, journal, cache)
+            value = again[digest] = _compute_again(sweep, prepared, index, journal)
         return (index, [args[index]], value)
 
     try:
@@ -423,12 +420,12 @@ def _write_output(sweep, prepared, locations):
         locations.freeze()
 
 
-def _compute_again(sweep, index, journal, cache):
+def _compute_again(sweep, prepared, index, journal):
     encoded, failure, seconds = execute_job(sweep.fn, index, sweep.args[index], sweep.timeout)
     if failure is not None:
         raise _Unloadable(index, failure)
     if not journal:
-        journal.append(cache.new_journal(0))
+        journal.append(prepared.cache.new_journal(0, code=prepared.fingerprint))
     journal[0].append_value(index, cachemod.args_digest(sweep.args[index]), seconds, encoded)
     return storemod.decode_payload(encoded.to_bytes()).load()
 

@@ -180,7 +180,7 @@ def run_serial(sweep):
     try:
         ledger.maybe_write(force=True)
         queue, prepared.pending = deque(prepared.pending), None     # the jobs' indices go as they run
-        journal = prepared.cache.new_journal(0) if queue else None
+        journal = prepared.cache.new_journal(0, code=prepared.fingerprint) if queue else None
         try:
             while queue:
                 index = queue.popleft()
@@ -493,7 +493,8 @@ def _worker_loop(sweep, comm, MPI):
                     continue
                 try:
                     if journal is None:
-                        journal = cache.new_journal(comm.rank)
+                        code = sweep.fingerprint or cachemod.code_fingerprint(sweep.fn)
+                        journal = cache.new_journal(comm.rank, code=code)
                     report = run_batch(sweep, message, journal, comm.rank)
                 except Exception as exc:  # noqa: BLE001 - rank 0 must hear of any failure here, or it waits forever
                     broken = True

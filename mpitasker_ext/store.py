@@ -650,11 +650,18 @@ class ResultStore:
         return args
 
     def discard(self):
-        """Remove every stored result of this output (``force``)."""
+        """Remove every stored result of this output (``force``): renamed away in one step first, so an
+        interrupted removal never leaves half a store."""
+        trash = f"{self.path}.discarded-{secrets.token_hex(4)}"
         try:
-            shutil.rmtree(self.path)
+            os.rename(self.path, trash)
         except FileNotFoundError:
-            pass
+            return
+        try:
+            shutil.rmtree(trash)
+        except OSError as exc:
+            log.warning("the discarded results %s could not all be removed (%s); delete the directory by hand",
+                        trash, exc)
 
     def compact(self, keep, scan):
         """Keep only the ok records of the digests in ``keep`` (all of ``scan.ok`` when None): their frames are
@@ -671,7 +678,8 @@ class ResultStore:
         moved, new = {}, {}
         try:
             with open(tmp, "wb") as out:
-                out.write(_journal_header_line())
+                codes = {cachemod.journal_code(journal) for (journal, _, _), _ in chosen}
+                out.write(_journal_header_line(codes.pop() if len(codes) == 1 else None))
                 pos = out.tell()
                 for (journal, offset, length), digest in chosen:
                     moved[(journal, offset)] = new[digest] = Location(final, pos, length)
@@ -737,8 +745,9 @@ def _new_journal_name(tag):
     return f"{cachemod.JOURNAL_PREFIX}{tag}-{secrets.token_hex(6)}{cachemod.JOURNAL_SUFFIX}"
 
 
-def _journal_header_line():
-    writer = {"rank": None, "pid": os.getpid(), "host": socket.gethostname(), "started": time.time()}
+def _journal_header_line(code=None):
+    """A merged journal keeps the code of its records when they share one (else None: "unknown")."""
+    writer = {"rank": None, "pid": os.getpid(), "host": socket.gethostname(), "started": time.time(), "code": code}
     return (cachemod.JOURNAL_MAGIC_LINE % cachemod.FORMAT_VERSION)[:-1] + b" " + json.dumps(writer).encode() + b"\n"
 
 

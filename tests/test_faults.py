@@ -286,14 +286,16 @@ def wrong_version_journal(journals):
 
 
 def damage_manifest(journals):
+    """The manifest only describes the run for readers now (each journal names its own code): damage to it
+    loses nothing and is simply rewritten."""
     path = os.path.join(os.path.dirname(journals[0]), cachemod.MANIFEST)
     open(path, "wb").write(b"{not json")
-    return path, 0
+    return None, 0
 
 
 def remove_manifest(journals):
     os.remove(os.path.join(os.path.dirname(journals[0]), cachemod.MANIFEST))
-    return "no readable manifest", 0
+    return None, 0
 
 
 @pytest.mark.parametrize("damage", [flip_middle_byte, add_garbage_journal, add_empty_journal,

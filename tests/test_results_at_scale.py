@@ -146,3 +146,44 @@ def test_notebook_results_come_from_the_store_not_through_the_engines(mpi_cluste
     assert max(len(data) for data in replies[0]) < 2000       # 24 MB of results, none of it in the replies
     assert [t[0] for t in load(str(tmp_path / "big.pkl"))] == list(range(30))
     del shell.user_ns["spectra"], shell.user_ns["np"]
+
+
+def test_results_of_other_code_are_found_by_their_own_code_after_an_interrupted_run(tmp_path, monkeypatch):
+    """v1 finishes; v2 reuses them under 'warn' and is interrupted; 'recompute' must then recompute v1's jobs,
+    and 'error' must ask: a result is never relabelled with the code of a run that merely reused it."""
+    monkeypatch.chdir(tmp_path)
+    version = {"v": 1, "stop": None}
+
+    def job(x):
+        if x == version["stop"]:
+            raise KeyboardInterrupt
+        return (version["v"], x)
+    mpimap(job, range(6), "c.pkl", comm=None, progress=False)
+    version.update(v=2, stop=8)
+    with pytest.raises(KeyboardInterrupt):
+        mpimap(job, range(10), "c.pkl", comm=None, progress=False)        # warn: reuses v1's, stops at 8
+    version["stop"] = None
+    from mpitasker_ext import CodeChanged
+    with pytest.raises(CodeChanged):
+        mpimap(job, range(10), "c.pkl", comm=None, progress=False, on_code_change="error")
+    values = mpimap(job, range(10), "c.pkl", comm=None, progress=False, on_code_change="recompute")
+    assert list(values) == [(2, x) for x in range(10)]
+
+
+def test_a_force_stopped_after_the_store_went_never_brings_the_old_output_back(tmp_path, monkeypatch):
+    from mpitasker_ext import store
+    monkeypatch.chdir(tmp_path)
+    data = {"value": "old"}
+    mpimap(lambda x: (data["value"], x), range(3), "o.pkl", comm=None, progress=False)
+    data["value"] = "new"
+
+    def stop_after_discard(self, discard=store.ResultStore.discard):
+        discard(self)
+        raise KeyboardInterrupt
+    monkeypatch.setattr(store.ResultStore, "discard", stop_after_discard)
+    with pytest.raises(KeyboardInterrupt):
+        mpimap(lambda x: (data["value"], x), range(3), "o.pkl", comm=None, progress=False, force=True)
+    monkeypatch.undo()
+    monkeypatch.chdir(tmp_path)
+    assert list(mpimap(lambda x: (data["value"], x), range(3), "o.pkl", comm=None, progress=False)) == \
+        [("new", x) for x in range(3)]
