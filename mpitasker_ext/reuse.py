@@ -402,7 +402,11 @@ def _write_output(sweep, prepared, locations):
             return (index, [args[index]], again[digest])
         try:
             value = journals.read_value(locations[index])
+        except (MemoryError, OSError):
+            raise                                   # passing trouble: the stored result itself is fine
         except Exception as exc:  # noqa: BLE001 - unpickling a stored result can raise any type
+            if len(again) >= RECOMPUTE_ON_RANK_0:
+                raise _ManyUnloadable() from exc
             log.warning("the cached result of job %d cannot be loaded (%s: %s); recomputing it", index,
                         type(exc).__name__, exc)
             _set_aside(locations[index])
@@ -410,7 +414,9 @@ def _write_output(sweep, prepared, locations):
         return (index, [args[index]], value)
 
     try:
-        storemod.write_output(cache.output, len(args), triple_at)
+        storemod.write_output(cache.output, len(args), triple_at, size_at=lambda index: locations[index].length)
+    except _ManyUnloadable:
+        raise _Unloadable(*_set_aside_the_rest(locations, journals, args)) from None
     finally:
         journals.close()
         if journal:
@@ -418,6 +424,32 @@ def _write_output(sweep, prepared, locations):
     if again:
         locations.scans.insert(0, storemod.scan_journals([journal[0].path]))
         locations.freeze()
+
+
+RECOMPUTE_ON_RANK_0 = 8  # beyond this many unloadable results, the workers should compute them (next run)
+
+
+class _ManyUnloadable(Exception):
+    pass
+
+
+def _set_aside_the_rest(locations, journals, args):
+    """Many stored results no longer load (a renamed class, a changed library): rather than computing them one
+    by one on rank 0 while the workers wait, set every such result aside and let the next run compute them on
+    all ranks. Returns the (index, failure) to report."""
+    bad = []
+    for index in range(len(locations)):
+        try:
+            journals.read_value(locations[index])
+        except (MemoryError, OSError):
+            raise
+        except Exception:  # noqa: BLE001 - unpickling a stored result can raise any type
+            _set_aside(locations[index])
+            bad.append(index)
+    error = (f"{len(bad)} stored results (jobs {', '.join(map(str, bad[:10]))}{' ...' if len(bad) > 10 else ''}) "
+             "no longer load (a renamed class or a changed library?); they were set aside: run again to compute "
+             "them on all ranks")
+    return bad[0], {"index": bad[0], "arg": short_repr(args[bad[0]]), "error": error, "traceback": ""}
 
 
 def _compute_again(sweep, prepared, index, journal):

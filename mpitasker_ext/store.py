@@ -296,7 +296,7 @@ def _scan_file(path, f, size, scan):
     pos = first.find(b"\n") + 1
     skipped, tail = 0, False
     batch, unfinished = None, set()
-    records = old = 0
+    records = old = streamed = 0
     while pos < size:
         rel = pos - base
         if rel + _FIXED > len(buf) and base + len(buf) < size:
@@ -313,8 +313,13 @@ def _scan_file(path, f, size, scan):
                     buf, base = _read_at(f, pos, CHUNK), pos
                     view = memoryview(buf)
                     continue
-                else:
+                elif (stop == size or _read_at(f, stop, 4) == magic_ok) and streamed + length <= 2 * size:
+                    # a body larger than the window is only checksummed where a frame plausibly ends, and
+                    # within a budget: planted headers claiming huge bodies cannot make the scan quadratic
+                    streamed += length
                     good = _crc_streamed(f, view[rel + _HEAD:], base + len(buf), stop, crc)
+                else:
+                    good = False
                 if good:
                     index, kind, digest, seconds = fields_unpack(buf, rel + _HEAD)
                     if kind == ok_kind:
@@ -642,8 +647,9 @@ class ResultStore:
         with open(self._file(ARGS), "rb") as f:
             data = f.read()
         if hashlib.blake2b(data, digest_size=16).digest() != index.args_hash:
-            raise DamagedRecord(f"{self._file(ARGS)} does not belong to the result index beside it (a run "
-                                "stopped while writing them); rerun to rewrite both")
+            raise DamagedRecord(f"{self._file(ARGS)} does not belong to this result index: a later run of "
+                                f"{self.output} replaced the results since they were loaded (call load() again), "
+                                "or a run stopped while writing them (rerun to rewrite both)")
         args = pickle.loads(data)
         if not isinstance(args, list) or len(args) != len(index):
             raise DamagedRecord(f"{self._file(ARGS)} does not hold {len(index)} arguments; rerun to rewrite it")
@@ -958,16 +964,37 @@ class _Streamed:
         return (list, (), None, self._items)
 
 
-def write_output(output, n, triple_at):
+class _Expanding(Exception):
+    """A value whose memo-less pickle grows far beyond its stored size (shared parts written once per use)."""
+
+
+class _CountingFile:
+    """The output file, counting what the streaming pickler writes so a value that expands can be caught."""
+
+    def __init__(self, f):
+        self._f, self.count, self.limit = f, 0, None
+
+    def write(self, data):
+        self.count += len(data)
+        if self.limit is not None and self.count > self.limit:
+            raise _Expanding(f"a value grew past {self.limit} bytes without pickle's memo")
+        return self._f.write(data)
+
+
+def write_output(output, n, triple_at, size_at=None):
     """The blog post's output, ``([(index, [arg], value), ...],)``, written atomically and streamed: one triple at
     a time from ``triple_at(i)``, so memory holds one result at a time and big arrays go straight to the file.
 
     The stream pickles without a memo (pickle's fast mode); a value it cannot carry that way (a cycle, a
-    notebook class) makes it start over the eager way, one list in memory. What ``triple_at`` raises propagates."""
+    notebook class), or one that grows past four times its stored size plus 1 MiB (``size_at(i)``: parts it
+    shares would be written once per use, exponentially for nested sharing), makes it start over the eager
+    way, one list in memory. What ``triple_at`` raises propagates."""
     output = os.fspath(output)
     directory = os.path.dirname(os.path.abspath(output))
     tmp = os.path.join(directory, f".{os.path.basename(output)}.tmp-{os.getpid()}-{secrets.token_hex(3)}")
     source_failed = []
+
+    counting = []
 
     def items():
         for i in range(n):
@@ -976,16 +1003,20 @@ def write_output(output, n, triple_at):
             except BaseException:
                 source_failed.append(True)
                 raise
+            if size_at is not None and counting:
+                counting[0].limit = counting[0].count + 4 * size_at(i) + 2**20
             yield item
 
     try:
         try:
-            with open(tmp, "wb") as f:
+            with open(tmp, "wb") as raw:
+                f = _CountingFile(raw)
+                counting.append(f)
                 pickler = pickle.Pickler(f, protocol=PROTOCOL)
                 pickler.fast = True
                 pickler.dump((_Streamed(items()),))
-                f.flush()
-                os.fsync(f.fileno())
+                raw.flush()
+                os.fsync(raw.fileno())
         except OSError:
             raise
         except Exception as exc:  # noqa: BLE001 - any pickling failure of the stream is retried the eager way

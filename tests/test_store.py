@@ -426,3 +426,32 @@ def test_stale_progress_counts_distinct_results_without_unpickling(run, tmp_path
     p = progress.read_progress(run.output)
     assert (p.state, p.done, p.failed) == ("stale", 3, 1) and [f.error for f in p.failures] == ["Boom"]
     assert not marker.exists()
+
+
+def test_a_value_sharing_parts_is_not_expanded_in_the_output(tmp_path, monkeypatch):
+    """x = [x, x] nested 30 times pickles to ~200 bytes with a memo and to 2**30 items without one: the stream
+    notices the growth and writes that output the eager way instead."""
+    from mpitasker_ext import mpimap
+    monkeypatch.chdir(tmp_path)
+
+    def nested(depth):
+        x = []
+        for _ in range(depth):
+            x = [x, x]
+        return x
+    mpimap(nested, [30, 2], "n.pkl", comm=None, progress=False)
+    assert os.path.getsize("n.pkl") < 10_000
+    with open("n.pkl", "rb") as f:
+        value = pickle.load(f)[0][0][2]
+    assert value[0] is value[1]
+
+
+def test_a_planted_journal_of_huge_claimed_frames_is_scanned_in_linear_time(tmp_path):
+    import struct
+    import time
+    path = tmp_path / "journal-r00001-x.bin"
+    unit = b"MTJ\x01" + struct.pack("<II", 5 << 20, 0)
+    path.write_bytes(b"MPITASKER-JOURNAL %d\n" % cache.FORMAT_VERSION + unit * ((6 << 20) // len(unit)))
+    started = time.monotonic()
+    scan = store.scan_journals([str(path)])
+    assert scan.records == 0 and time.monotonic() - started < 10
