@@ -975,7 +975,7 @@ class _CountingFile:
         self._f, self.count, self.limit = f, 0, None
 
     def write(self, data):
-        self.count += len(data)
+        self.count += memoryview(data).nbytes          # the pickler hands big buffers over as PickleBuffers
         if self.limit is not None and self.count > self.limit:
             raise _Expanding(f"a value grew past {self.limit} bytes without pickle's memo")
         return self._f.write(data)
