@@ -180,3 +180,18 @@ def unloadable_payload():
     import struct
     data = b"\x80\x05cno_such_module_anymore\nThing\n."
     return struct.pack("<IQ", 0, len(data)) + data
+
+
+@pytest.fixture
+def shell(tmp_path, monkeypatch):
+    """The in-process IPython shell with the extension loaded, in a fresh directory; names a test defines in it
+    are removed afterwards."""
+    from IPython.core.interactiveshell import InteractiveShell
+
+    ip = InteractiveShell.instance()
+    ip.run_line_magic("load_ext", "mpitasker_ext")
+    monkeypatch.chdir(tmp_path)
+    before = set(ip.user_ns)
+    yield ip
+    for name in set(ip.user_ns) - before:
+        del ip.user_ns[name]

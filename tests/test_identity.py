@@ -15,7 +15,6 @@ import uuid
 
 import numpy as np
 import pytest
-from IPython.core.interactiveshell import InteractiveShell
 
 from conftest import REPO
 from mpitasker_ext import CodeChanged, cache, closure
@@ -405,17 +404,6 @@ def test_an_unencodable_capture_counts_by_its_type(caplog):
 
 
 # ---- the code fingerprint: %%mpimap cells --------------------------------------------------------------------
-
-
-@pytest.fixture
-def shell(tmp_path, monkeypatch):
-    ip = InteractiveShell.instance()
-    ip.run_line_magic("load_ext", "mpitasker_ext")
-    monkeypatch.chdir(tmp_path)
-    before = set(ip.user_ns)
-    yield ip
-    for name in set(ip.user_ns) - before:
-        del ip.user_ns[name]
 
 
 def cell_fingerprint(shell, setup, body, loop="for x in range(3)"):

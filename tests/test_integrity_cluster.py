@@ -5,24 +5,12 @@ import textwrap
 
 import cloudpickle
 import pytest
-from IPython.core.interactiveshell import InteractiveShell
 
 from conftest import CLUSTER_PROFILE
 from mpitasker_ext import WorkerError, closure
 from mpitasker_ext import cluster as clustermod
 
 ON = f"--profile {CLUSTER_PROFILE}"
-
-
-@pytest.fixture
-def shell(tmp_path, monkeypatch):
-    ip = InteractiveShell.instance()
-    ip.run_line_magic("load_ext", "mpitasker_ext")
-    monkeypatch.chdir(tmp_path)
-    before = set(ip.user_ns)
-    yield ip
-    for name in set(ip.user_ns) - before:
-        del ip.user_ns[name]
 
 
 def test_a_value_that_cannot_be_rebuilt_on_one_engine_fails_every_engine_clearly(shell, mpi_cluster):

@@ -8,24 +8,12 @@ import textwrap
 
 import pytest
 from IPython.core.error import UsageError
-from IPython.core.interactiveshell import InteractiveShell
 
 from conftest import CLUSTER_ENGINES, CLUSTER_PROFILE
 from mpitasker_ext import CodeChanged, JobsFailed
 from mpitasker_ext.magics import MPIMapMagics
 
 ON = f"--profile {CLUSTER_PROFILE}"
-
-
-@pytest.fixture
-def shell(tmp_path, monkeypatch):
-    ip = InteractiveShell.instance()
-    ip.run_line_magic("load_ext", "mpitasker_ext")
-    monkeypatch.chdir(tmp_path)
-    before = set(ip.user_ns)
-    yield ip
-    for name in set(ip.user_ns) - before:
-        del ip.user_ns[name]
 
 
 def load(path):
