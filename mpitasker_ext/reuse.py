@@ -196,8 +196,13 @@ def _apply_reuse_rules(sweep, cache, store, fingerprint, digests):
             if not _code_change(sweep, what):
                 for path in other:
                     os.unlink(path)
+    adopt = not sweep.force and not _has_results(cache, store) and os.path.exists(cache.output)
+    if adopt:
+        meta = cache.read_meta()                     # asked before anything is written
+        adopt = meta is None or meta.get("code") == fingerprint or _code_change(
+            sweep, f"the code that made {cache.output} differs from the code now")
     _write_manifest(sweep, cache, fingerprint)
-    if not sweep.force and not _has_results(cache, store) and os.path.exists(cache.output):
+    if adopt:
         _adopt_plain_output(sweep, cache, fingerprint, digests)
 
 
@@ -237,10 +242,6 @@ def _discard_everything(cache, store):
 def _adopt_plain_output(sweep, cache, fingerprint, digests):
     """An output without a store (an older version's, or the blog post's): its results whose argument appears in
     the grid are copied once into a journal, so from then on the store serves them."""
-    meta = cache.read_meta()
-    if meta is not None and meta.get("code") != fingerprint and not _code_change(
-            sweep, f"the code that made {cache.output} differs from the code now"):
-        return
     triples = cache.read_output()
     if not triples:
         return
