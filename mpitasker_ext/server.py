@@ -14,8 +14,12 @@ import html
 import json
 import os
 import re
+import threading
 import time
 
+from jupyter_server.auth.decorator import authorized
+from jupyter_server.base.handlers import APIHandler, JupyterHandler
+from jupyter_server.utils import url_path_join
 from tornado import web
 
 from . import cache as cachemod
@@ -35,17 +39,21 @@ class RunIndex:
         self._seen = set()
         self._walked_at = 0.0
         self._walked = []
+        self._lock = threading.Lock()  # paths() runs in executor threads, several requests at once
 
     def paths(self):
         """Every run to list; each is checked like ``resolve`` each time, since a walk lists symlinks (an
         ``x.mpi`` link, a ``.code.json`` link) and a path seen earlier may have become one since."""
-        now = time.monotonic()
-        if now - self._walked_at > SCAN_TTL:
-            self._walked = [p for p in progressmod.find_runs(self.root, max_depth=SCAN_DEPTH) if self.confined(p)]
-            self._walked_at = now
-            self._seen.update(self._walked)
-        return sorted(p for p in set(self._walked) | {p for p in self._seen if os.path.exists(p)
-                                                      or os.path.isdir(p + ".mpi")} if self.confined(p))
+        with self._lock:
+            now = time.monotonic()
+            if now - self._walked_at > SCAN_TTL:
+                self._walked = [p for p in progressmod.find_runs(self.root, max_depth=SCAN_DEPTH)
+                                if self.confined(p)]
+                self._walked_at = now
+                self._seen.update(self._walked)
+            walked, candidates = set(self._walked), set(self._walked) | self._seen
+        return sorted(p for p in candidates if (p in walked or os.path.exists(p) or os.path.isdir(p + ".mpi"))
+                      and self.confined(p))
 
     def resolve(self, relative):
         """The absolute output path of a run named relative to the root, or None if it lies outside."""
@@ -78,68 +86,72 @@ class RunIndex:
         return data
 
 
-def _index(handler):
-    return handler.settings["mpitasker_index"]
+class _RunsHandler:
+    """What every page and API handler shares: the contents permission the server's authorizer decides on, and
+    the run index and base URL, taken in ``prepare()`` after the server has authenticated the request."""
+
+    auth_resource = "contents"
+
+    async def prepare(self, **kwargs):
+        await super().prepare(**kwargs)
+        self.index = self.settings["mpitasker_index"]
+        self.base = self.settings["mpitasker_base"]
+
+    async def in_executor(self, fn, *args):
+        """Disk reads off the event loop: the server never waits on a slow (network) file system."""
+        return await asyncio.get_running_loop().run_in_executor(None, fn, *args)
 
 
-def _handlers(base):
-    from jupyter_server.auth.decorator import authorized
-    from jupyter_server.base.handlers import APIHandler, JupyterHandler
 
-    class RunsAPI(APIHandler):
-        auth_resource = "contents"
+class RunsAPI(_RunsHandler, APIHandler):
+    @web.authenticated
+    @authorized
+    async def get(self):
+        index = self.index
+        runs = await self.in_executor(lambda: [index.snapshot(p) for p in index.paths()])
+        self.finish(json.dumps({"root": index.root, "runs": runs, "time": time.time()}))
 
-        @web.authenticated
-        @authorized
-        async def get(self):
-            index = _index(self)
-            runs = await asyncio.get_running_loop().run_in_executor(
-                None, lambda: [index.snapshot(p) for p in index.paths()])
-            self.finish(json.dumps({"root": index.root, "runs": runs, "time": time.time()}))
 
-    class RunAPI(APIHandler):
-        auth_resource = "contents"
+class RunAPI(_RunsHandler, APIHandler):
+    @web.authenticated
+    @authorized
+    async def get(self, relative):
+        path = self.index.resolve(relative)
+        if path is None:
+            raise web.HTTPError(404, "no such run under the server root")
+        data = await self.in_executor(self.index.snapshot, path)
+        if data["state"] == progressmod.MISSING:
+            raise web.HTTPError(404, "no such run under the server root")
+        self.finish(json.dumps(data))
 
-        @web.authenticated
-        @authorized
-        async def get(self, relative):
-            index = _index(self)
-            path = index.resolve(relative)
-            if path is None:
-                raise web.HTTPError(404, "no such run under the server root")
-            data = await asyncio.get_running_loop().run_in_executor(None, index.snapshot, path)
-            if data["state"] == progressmod.MISSING:
-                raise web.HTTPError(404, "no such run under the server root")
-            self.finish(json.dumps(data))
 
-    class DashboardPage(JupyterHandler):
-        auth_resource = "contents"
+class DashboardPage(_RunsHandler, JupyterHandler):
+    @web.authenticated
+    @authorized
+    def get(self):
+        self.set_header("Content-Type", "text/html; charset=utf-8")
+        self.finish(_page("mpitasker runs", "dashboard.js", self.base))
 
-        @web.authenticated
-        @authorized
-        def get(self):
-            self.set_header("Content-Type", "text/html; charset=utf-8")
-            self.finish(_page("mpitasker runs", "dashboard.js", base))
 
-    class RunPage(JupyterHandler):
-        auth_resource = "contents"
+class RunPage(_RunsHandler, JupyterHandler):
+    @web.authenticated
+    @authorized
+    async def get(self, relative):
+        path = self.index.resolve(relative)
+        if path is None or (await self.in_executor(progressmod.read_progress, path)).state == progressmod.MISSING:
+            raise web.HTTPError(404, "no such run under the server root")
+        self.set_header("Content-Type", "text/html; charset=utf-8")
+        relative = self.index.relative(path)
+        self.finish(_page(f"mpitasker: {relative}", "run.js", self.base, run=relative))
 
-        @web.authenticated
-        @authorized
-        def get(self, relative):
-            index = _index(self)
-            path = index.resolve(relative)
-            if path is None or progressmod.read_progress(path).state == progressmod.MISSING:
-                raise web.HTTPError(404, "no such run under the server root")
-            self.set_header("Content-Type", "text/html; charset=utf-8")
-            relative = index.relative(path)
-            self.finish(_page(f"mpitasker: {relative}", "run.js", base, run=relative))
 
+def handlers(base):
+    """The routes under the server's base URL."""
     return [
-        (base + "mpitasker/?", DashboardPage),
-        (base + "mpitasker/run/(.+)", RunPage),
-        (base + "mpitasker/api/runs", RunsAPI),
-        (base + "mpitasker/api/run/(.+)", RunAPI),
+        (url_path_join(base, "mpitasker/?"), DashboardPage),
+        (url_path_join(base, "mpitasker/run/(.+)"), RunPage),
+        (url_path_join(base, "mpitasker/api/runs"), RunsAPI),
+        (url_path_join(base, "mpitasker/api/run/(.+)"), RunAPI),
     ]
 
 
@@ -150,7 +162,8 @@ def load(serverapp):
     if not base.endswith("/"):
         base += "/"
     web_app.settings["mpitasker_index"] = RunIndex(serverapp.root_dir)
-    web_app.add_handlers(".*$", _handlers(base))
+    web_app.settings["mpitasker_base"] = base
+    web_app.add_handlers(".*$", handlers(base))
     serverapp.log.info("mpitasker_ext: run dashboard at %smpitasker/ (root %s)", base, serverapp.root_dir)
 
 

@@ -233,3 +233,34 @@ def test_the_servers_authorizer_decides(tmp_path):
         assert server.get("/api/status")[0] == 200          # the same user, authenticated, elsewhere
     finally:
         server.stop()
+
+
+def test_handlers_are_importable_and_the_index_is_safe_across_threads(tmp_path, monkeypatch):
+    """Module-level handlers (importable for tests and other front ends); routes joined with url_path_join;
+    RunIndex.paths() called from many executor threads while runs appear never fails."""
+    import threading
+
+    from mpitasker_ext import server as servermod
+    routes = dict((handler, pattern) for pattern, handler in servermod.handlers("/base"))
+    assert routes[servermod.RunsAPI] == "/base/mpitasker/api/runs"
+    assert routes[servermod.RunPage] == "/base/mpitasker/run/(.+)"
+    monkeypatch.setattr(servermod, "SCAN_TTL", 0.0)
+    index = servermod.RunIndex(str(tmp_path))
+    errors, stop = [], threading.Event()
+
+    def read():
+        while not stop.is_set():
+            try:
+                index.paths()
+            except Exception as exc:  # noqa: BLE001 - any failure is what this test looks for
+                errors.append(exc)
+
+    readers = [threading.Thread(target=read) for _ in range(6)]
+    for thread in readers:
+        thread.start()
+    for i in range(150):
+        (tmp_path / f"r{i}.pkl.mpi").mkdir()
+    stop.set()
+    for thread in readers:
+        thread.join()
+    assert errors == [] and len(index.paths()) == 150
