@@ -273,35 +273,13 @@ def _output_holds(cache, store, grid):
     """The output, its .code.json and the store's index already describe this very grid and code."""
     meta = cache.read_meta() or {}
     identity = meta.get("output_identity")
-    if meta.get("grid") != grid or not isinstance(identity, list) or not _has_index(store):
+    if meta.get("grid") != grid or not isinstance(identity, list) or not store.has_index():
         return False
     try:
         st = os.stat(cache.output)
     except OSError:
         return False
     return identity == [st.st_size, st.st_mtime_ns]
-
-
-def _has_index(store):
-    try:
-        store.read_index()
-    except (OSError, ValueError, CacheError):
-        return False
-    return True
-
-
-def _set_aside(location):
-    """A stored result that no longer loads: its frame magic is overwritten, so every later scan skips it (as
-    damage) and the job is computed again, instead of failing at the end of every run."""
-    try:
-        fd = os.open(location.journal, os.O_WRONLY)
-        try:
-            os.pwrite(fd, b"MTJ\x00", location.offset)
-        finally:
-            os.close(fd)
-    except OSError as exc:
-        log.warning("could not set aside the record at %s:%d (%s); delete %s to recompute it", location.journal,
-                    location.offset, exc, location.journal)
 
 
 def _code_change(sweep, what):
@@ -410,7 +388,7 @@ def _write_output(sweep, prepared, locations):
                 raise _ManyUnloadable() from exc
             log.warning("the cached result of job %d cannot be loaded (%s: %s); recomputing it", index,
                         type(exc).__name__, exc)
-            _set_aside(locations[index])
+            storemod.set_aside(locations[index])
             value = again[digest] = _compute_again(sweep, prepared, index, journal)
         return (index, [args[index]], value)
 
@@ -445,7 +423,7 @@ def _set_aside_the_rest(locations, journals, args):
         except (MemoryError, OSError):
             raise
         except Exception:  # noqa: BLE001 - unpickling a stored result can raise any type
-            _set_aside(locations[index])
+            storemod.set_aside(locations[index])
             bad.append(index)
     error = (f"{len(bad)} stored results (jobs {', '.join(map(str, bad[:10]))}{' ...' if len(bad) > 10 else ''}) "
              "no longer load (a renamed class or a changed library?); they were set aside: run again to compute "

@@ -462,6 +462,20 @@ def _load_frame(location, frame):
     return pickled.load()
 
 
+def set_aside(location):
+    """A stored result that no longer loads: its frame magic is overwritten, so every later scan skips it (as
+    damage) and its job is computed again, instead of failing at the end of every run."""
+    try:
+        fd = os.open(location.journal, os.O_WRONLY)
+        try:
+            os.pwrite(fd, b"MTJ\x00", location.offset)
+        finally:
+            os.close(fd)
+    except OSError as exc:
+        log.warning("could not set aside the record at %s:%d (%s); delete %s to recompute it", location.journal,
+                    location.offset, exc, location.journal)
+
+
 def _read_frame(location, file=None):
     journal, offset, length = location
     if length < _FIXED:
@@ -610,6 +624,14 @@ class ResultStore:
             table += (_INDEX_NAME.pack(len(name)), name)
         head = _INDEX_HEAD.pack(_INDEX_MAGIC, cachemod.FORMAT_VERSION, len(names), len(locations), args_hash)
         cachemod.atomic_write_bytes(self._file(INDEX), b"".join([head, *table, entries]))
+
+    def has_index(self):
+        """Whether a readable index of a finished grid is here."""
+        try:
+            self.read_index()
+        except (OSError, ValueError, CacheError):
+            return False
+        return True
 
     def read_index(self):
         """(journal paths, ``IndexReader``: the location of each job's result). Raises FileNotFoundError when
@@ -1037,5 +1059,5 @@ def write_output(output, n, triple_at, size_at=None):
 
 
 __all__ = ["Encoded", "encode_value", "decode_payload", "Location", "LocationMap", "Scan", "scan_journals",
-           "read_value", "DamagedRecord", "ResultStore", "IndexReader", "Results", "load", "write_output"]
+           "read_value", "DamagedRecord", "set_aside", "ResultStore", "IndexReader", "Results", "load", "write_output"]
 
