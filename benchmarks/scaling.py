@@ -38,20 +38,23 @@ MANY_RANKS = """
 
 RESTART = """
     import os, sys, time
-    from mpitasker_ext import cache, scheduler
+    from mpitasker_ext import scheduler
+    from mpitasker_ext.identity import args_digest
+    from mpitasker_ext.payload import encode_value
+    from mpitasker_ext.rundir import RunDir
     N = int(sys.argv[1])
-    run = cache.RunCache('restart.pkl')
+    run = RunDir('restart.pkl')
     run.create()
     journals = [run.new_journal(r) for r in range(1, 4)]
     for i in range(N):
-        journals[i % 3].append(i, True, cache.args_digest(i), 0.0, cache.dumps(i))
+        journals[i % 3].append_value(i, args_digest(i), 0.0, encode_value(i))
     for j in journals:
         j.close()
     sweep = scheduler.Sweep(lambda x: x, list(range(N)), 'restart.pkl')
     t = time.perf_counter()
     prepared = scheduler.prepare(sweep)
     scan = time.perf_counter() - t
-    prepared.cache.release_lock()
+    prepared.run.release_lock()
     size = sum(os.path.getsize(p) for p in run.journal_paths())
     print('RESTART', scan, len(prepared.pending), prepared.cached, size / 2**20)
 """

@@ -1,7 +1,7 @@
 """Spread many similar jobs over MPI ranks with a restartable on-disk cache."""
 
 from .errors import CacheError, CodeChanged, JobsFailed, MPITaskerError, RunLocked, UsageError, WorkerError
-from .store import load
+from .results import load
 from .tasker import Tasker, mpimap
 
 __version__ = "0.1.0"

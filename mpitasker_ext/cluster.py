@@ -260,11 +260,11 @@ def _dead_engines(exc):
 
 
 def _death_message(dead, output):
-    from .cache import RunCache
     from .progress import read_progress
+    from .rundir import RunDir
 
     running = ", ".join(f"job {index} (rank {info.rank}, pid {info.pid})"
-                        for index, info in RunCache(output).interrupted_jobs()[-8:])
+                        for index, info in RunDir(output).interrupted_jobs()[-8:])
     snapshot = read_progress(output)
     return (f"MPI engines died during the run (engines {', '.join(map(str, dead))}; MPI stops every engine "
             "when one of its processes dies). "

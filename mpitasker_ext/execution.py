@@ -11,8 +11,10 @@ import threading
 import time
 import traceback
 
-from . import cache as cachemod
-from . import store as storemod
+from . import journal as journalmod
+from .identity import args_digest
+from .journal import RecordTooLarge, encode_failure
+from .payload import encode_value
 
 log = logging.getLogger(__name__)
 
@@ -111,15 +113,15 @@ def execute_job(fn, index, arg, timeout=None):
                            f"after {time.perf_counter() - start:.1f} s)")
         return None, describe_failure(index, arg, late, skip_frames=0), time.perf_counter() - start
     try:
-        encoded = storemod.encode_value(value)
+        encoded = encode_value(value)
     except KeyboardInterrupt:
         raise
     except BaseException as exc:  # noqa: BLE001 - pickling a user object can raise any type
         wrapped = TypeError(f"the result of type {type(value).__name__} cannot be pickled ({safe_str(exc)}); "
                             "return plain data (numbers, arrays, dicts) from the job")
         return None, describe_failure(index, arg, wrapped, skip_frames=0), time.perf_counter() - start
-    if encoded.size > cachemod.MAX_RECORD - 64:
-        too_large = cachemod.RecordTooLarge(encoded.size)
+    if encoded.size > journalmod.MAX_RECORD - 64:
+        too_large = RecordTooLarge(encoded.size)
         return None, describe_failure(index, arg, too_large, skip_frames=0), time.perf_counter() - start
     return encoded, None, time.perf_counter() - start
 
@@ -134,10 +136,10 @@ def run_batch(sweep, indices, journal, rank):
         arg = args[index]
         encoded, failure, seconds = execute_job(fn, index, arg, sweep.timeout)
         if failure is None:
-            journal.append_value(index, cachemod.args_digest(arg), seconds, encoded)
+            journal.append_value(index, args_digest(arg), seconds, encoded)
             ok_count += 1
         else:
-            journal.append(index, False, cachemod.args_digest(arg), seconds, cachemod.encode_failure(failure))
+            journal.append(index, False, args_digest(arg), seconds, encode_failure(failure))
             failures[index] = (failure["error"], failure["traceback"][-MAX_TRACEBACK:])
         if sweep.verbose:
             log.info("rank %d: job %d %s in %.3f s", rank, index, "done" if failure is None else "FAILED", seconds)

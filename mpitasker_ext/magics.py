@@ -14,9 +14,9 @@ from . import closure
 from . import cluster as clustermod
 from . import progress as progressmod
 from . import widget as widgetmod
-from .cache import RunCache
 from .errors import MPITaskerError, UsageError
-from .store import Results
+from .results import Results
+from .rundir import RunDir
 from .tasker import job_list
 
 log = logging.getLogger(__name__)
@@ -158,8 +158,8 @@ class MPIMapMagics(Magics):
         if opts.out is not None and not opts.out.isidentifier():
             raise UsageError(f"-o {opts.out!r} is not a valid variable name")
         loop = closure.parse_loop(loop_text)
-        cache = RunCache(os.path.expanduser(opts.output))
-        cache.check_output_path()
+        run = RunDir(os.path.expanduser(opts.output))
+        run.check_output_path()
         job = closure.build_job(loop, cell, self.shell.user_ns)
         try:
             iterable = eval(loop.iterable, self.shell.user_ns)  # noqa: S307 - the user's own expression
@@ -169,7 +169,7 @@ class MPIMapMagics(Magics):
         options = {"retries": opts.retries, "force": opts.force, "chunksize": opts.chunksize, "timeout": opts.timeout,
                    "prune": opts.prune,
                    "on_code_change": "reuse" if opts.reuse else "error"}
-        return argparse.Namespace(job=job, args=args, output=cache.output, options=options, out=opts.out,
+        return argparse.Namespace(job=job, args=args, output=run.output, options=options, out=opts.out,
                                   no_wait=opts.no_wait, profile=opts.profile, cluster_id=opts.cluster_id)
 
     def _assign(self, plan, started, where):

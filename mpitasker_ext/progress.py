@@ -13,8 +13,9 @@ import os
 import time
 from dataclasses import asdict, dataclass, field
 
-from . import cache as cachemod
-from . import store as storemod
+from .lock import writer_alive
+from .rundir import META_SUFFIX, RUN_SUFFIX, RunDir
+from .scan import scan_journals
 
 STALE_AFTER = 10.0  # seconds without a heartbeat (status or lock, each every 2 s) before a remote writer is gone
 
@@ -156,7 +157,7 @@ def _writer_gone(run, status, now):
     lock = run.read_lock()
     start = lock.start if lock is not None and (lock.pid, lock.host) == (pid, host) else None
     beats = [t for t in (status.get("updated"), lock and lock.mtime) if isinstance(t, (int, float))]
-    return not cachemod.writer_alive(pid, host, start, max(beats, default=None), STALE_AFTER, now)
+    return not writer_alive(pid, host, start, max(beats, default=None), STALE_AFTER, now)
 
 
 class _RecordCount:
@@ -177,7 +178,7 @@ class _RecordCount:
                 continue
             key.append((path, st.st_size, st.st_mtime_ns))
         if key != self._key:
-            scan = storemod.scan_journals([path for path, _size, _mtime in key])
+            scan = scan_journals([path for path, _size, _mtime in key])
             self._key, self._value = key, (len(scan.ok), scan.failed)
         return self._value
 
@@ -189,8 +190,8 @@ def read_progress(path, now=None):
     """The model of the run whose output (or ``.mpi`` directory) is ``path``."""
     now = time.time() if now is None else now
     path = os.path.abspath(os.fspath(path))
-    output = path[: -len(cachemod.RUN_SUFFIX)] if path.endswith(cachemod.RUN_SUFFIX) else path
-    run = cachemod.RunCache(output)
+    output = path[: -len(RUN_SUFFIX)] if path.endswith(RUN_SUFFIX) else path
+    run = RunDir(output)
     if not run.exists():
         if os.path.exists(output):
             return _finished(output)
@@ -224,14 +225,14 @@ def _from_records(run, status, now, note):
 
 
 def _failure_of(rec):
-    """JSON, never a pickle (cache.JobRecord.failure); a damaged record still shows up as a failure."""
+    """JSON, never a pickle (journal.JobRecord.failure); a damaged record still shows up as a failure."""
     info = rec.failure()
     return Failure(rec.index, info["error"], info["traceback"])
 
 
 def _finished(output):
     """A finished run: its last status when the run kept one (the notebook magic does), else the job count."""
-    meta = cachemod.RunCache(output).read_meta() or {}
+    meta = RunDir(output).read_meta() or {}
     total = _finished_total(meta)
     status = meta.get("status")
     if isinstance(status, dict) and total is not None and _int(status, "total", None) == total:
@@ -241,7 +242,7 @@ def _finished(output):
         return progress
     if total is None:
         return Progress(output, FINISHED, note="output written; its job count is unknown (no job count in "
-                                               f"{os.path.basename(output)}{cachemod.META_SUFFIX})")
+                                               f"{os.path.basename(output)}{META_SUFFIX})")
     return Progress(output, FINISHED, total=total, done=total, note="output written")
 
 
@@ -257,10 +258,10 @@ def find_runs(root, max_depth=6):
     root = os.path.abspath(root)
     for dirpath, dirnames, filenames in os.walk(root):
         depth = dirpath[len(root):].count(os.sep)
-        runs = [d for d in dirnames if d.endswith(cachemod.RUN_SUFFIX)]
-        found += [os.path.join(dirpath, d[: -len(cachemod.RUN_SUFFIX)]) for d in runs]
-        found += [os.path.join(dirpath, f[: -len(cachemod.META_SUFFIX)]) for f in filenames
-                  if f.endswith(cachemod.META_SUFFIX) and f[: -len(cachemod.META_SUFFIX)] + cachemod.RUN_SUFFIX
+        runs = [d for d in dirnames if d.endswith(RUN_SUFFIX)]
+        found += [os.path.join(dirpath, d[: -len(RUN_SUFFIX)]) for d in runs]
+        found += [os.path.join(dirpath, f[: -len(META_SUFFIX)]) for f in filenames
+                  if f.endswith(META_SUFFIX) and f[: -len(META_SUFFIX)] + RUN_SUFFIX
                   not in dirnames]
         dirnames[:] = [d for d in dirnames if not d.startswith(".") and d not in runs and depth < max_depth]
     return sorted(set(found))

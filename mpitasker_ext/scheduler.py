@@ -13,11 +13,14 @@ import socket
 import time
 from collections import deque
 
-from . import cache as cachemod
 from . import errors
 from .errors import MPITaskerError
 from .execution import MAX_TRACEBACK, run_batch, safe_str
-from .reuse import disk_error, finish, prepare
+from .finish import finish
+from .identity import code_fingerprint
+from .journal import FORMAT_VERSION
+from .reuse import disk_error, prepare
+from .rundir import RunDir
 from .sweep import CODE_CHANGE_POLICIES, Outcome, Sweep
 
 __all__ = ["Backoff", "Ledger", "Sweep", "Outcome", "CODE_CHANGE_POLICIES", "run_serial", "run_mpi", "batch_size",
@@ -118,7 +121,7 @@ class Ledger:
         running = self.running()
         shown = sorted(self.failed)[:SHOWN_FAILURES]
         return {
-            "format": cachemod.FORMAT_VERSION, "state": state, "output": self.cache.output,
+            "format": FORMAT_VERSION, "state": state, "output": self.cache.output,
             "total": self.total, "done": done, "cached": self.cached, "computed": self.computed,
             "failed": len(self.failed), "running": running,
             "pending": max(self.total - done - len(self.failed) - running, 0),
@@ -174,14 +177,14 @@ class Ledger:
 
 def run_serial(sweep):
     """All jobs in this process, with the same store, resume and failure rules as the MPI path. The results
-    stay on disk: read them with ``store.Results``."""
+    stay on disk: read them with ``results.Results``."""
     prepared = prepare(sweep)
-    ledger = Ledger(prepared.cache, len(sweep.args), prepared.cached, 0, sweep.monitor)
+    ledger = Ledger(prepared.run, len(sweep.args), prepared.cached, 0, sweep.monitor)
     log.info("%d jobs: %d cached, %d to run serially", len(sweep.args), prepared.cached, len(prepared.pending))
     try:
         ledger.maybe_write(force=True)
         queue, prepared.pending = deque(prepared.pending), None     # the jobs' indices go as they run
-        journal = prepared.cache.new_journal(0, code=prepared.fingerprint) if queue else None
+        journal = prepared.run.new_journal(0, code=prepared.fingerprint) if queue else None
         try:
             while queue:
                 index = queue.popleft()
@@ -189,7 +192,7 @@ def run_serial(sweep):
                 try:
                     ok_count, failures, _ = run_batch(sweep, [index], journal, 0)
                 except OSError as exc:
-                    raise disk_error(prepared.cache, "journal a job of", exc) from exc
+                    raise disk_error(prepared.run, "journal a job of", exc) from exc
                 ledger.set_current(0, None)
                 queue.extend(ledger.record(0, ok_count, failures, sweep.retries))
                 ledger.maybe_write()
@@ -199,7 +202,7 @@ def run_serial(sweep):
         outcome = finish(sweep, prepared, ledger)
     except BaseException as exc:
         _record_stop(ledger, exc)
-        prepared.cache.release_lock()
+        prepared.run.release_lock()
         raise
     if not outcome.ok:
         outcome.raise_error(on_root=True)
@@ -209,7 +212,7 @@ def run_serial(sweep):
 
 def run_mpi(sweep, comm, setup_error=None, token=0):
     """Every rank calls this with the same sweep; on every rank it returns when the results are in the store
-    (read them with ``store.Results``), or raises the same error.
+    (read them with ``results.Results``), or raises the same error.
 
     ``setup_error``: this rank could not build its sweep (an engine missing a module, say); it still takes part
     until every rank knows, so no rank waits forever for it. ``token`` names the run: ranks that received
@@ -305,7 +308,7 @@ def _root(sweep, comm, MPI):
     except BaseException as exc:
         _send_final(comm, Outcome.from_exception(exc))
         raise
-    ledger = Ledger(prepared.cache, len(sweep.args), prepared.cached, comm.size - 1, sweep.monitor)
+    ledger = Ledger(prepared.run, len(sweep.args), prepared.cached, comm.size - 1, sweep.monitor)
     log.info("%d jobs: %d cached, %d to run on %d workers", len(sweep.args), prepared.cached,
              len(prepared.pending), comm.size - 1)
     gone = set()
@@ -315,15 +318,15 @@ def _root(sweep, comm, MPI):
         fatal = _stop_workers(comm, MPI, gone) or fatal
         if fatal:
             ledger.maybe_write("failed", force=True)
-            prepared.cache.release_lock()
+            prepared.run.release_lock()
             outcome = Outcome(error_type="WorkerError", message=(
-                f"{fatal}\nThe finished jobs are kept in {prepared.cache.run_dir}; fix the cause and rerun."))
+                f"{fatal}\nThe finished jobs are kept in {prepared.run.run_dir}; fix the cause and rerun."))
         else:
             outcome = finish(sweep, prepared, ledger)
         return _send_final(comm, outcome, skip=gone)
     except BaseException as exc:
         _record_stop(ledger, exc)
-        prepared.cache.release_lock()
+        prepared.run.release_lock()
         _abort_workers(comm, exc, gone)
         raise
 
@@ -475,7 +478,7 @@ def _worker(sweep, comm, MPI):
 
 
 def _worker_loop(sweep, comm, MPI):
-    cache = cachemod.RunCache(sweep.output)
+    run = RunDir(sweep.output)
     journal = None
     broken = False
     backoff = Backoff()
@@ -494,8 +497,8 @@ def _worker_loop(sweep, comm, MPI):
                     continue
                 try:
                     if journal is None:
-                        code = sweep.fingerprint or cachemod.code_fingerprint(sweep.fn)
-                        journal = cache.new_journal(comm.rank, code=code)
+                        code = sweep.fingerprint or code_fingerprint(sweep.fn)
+                        journal = run.new_journal(comm.rank, code=code)
                     report = run_batch(sweep, message, journal, comm.rank)
                 except Exception as exc:  # noqa: BLE001 - rank 0 must hear of any failure here, or it waits forever
                     broken = True

@@ -22,8 +22,8 @@ from jupyter_server.base.handlers import APIHandler, JupyterHandler
 from jupyter_server.utils import url_path_join
 from tornado import web
 
-from . import cache as cachemod
 from . import progress as progressmod
+from .rundir import META_SUFFIX
 
 SCAN_DEPTH = 4
 SCAN_TTL = 1.0  # seconds a directory walk is reused: many browser tabs cost one walk
@@ -69,7 +69,7 @@ class RunIndex:
         """True when the real paths of the parent directory, of what is read (the run directory, else the
         output) and of a ``.code.json`` beside it all lie inside the real root: no symlink leads out."""
         target = candidate + ".mpi" if os.path.isdir(candidate + ".mpi") else candidate
-        meta = candidate + cachemod.META_SUFFIX
+        meta = candidate + META_SUFFIX
         reads = [os.path.dirname(candidate), target] + ([meta] if os.path.lexists(meta) else [])
         return all(self._inside(os.path.realpath(path)) for path in reads)
 

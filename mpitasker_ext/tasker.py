@@ -7,8 +7,8 @@ import os
 import sys
 
 from .errors import MPITaskerError, UsageError
+from .results import Results
 from .scheduler import Sweep, run_mpi, run_serial
-from .store import Results
 
 log = logging.getLogger(__name__)
 
@@ -225,9 +225,9 @@ class Tasker:
         return run_sweep(sweep, self.comm, "triples", self.in_memory if in_memory is None else in_memory)
 
 
-def mpimap(fn, iterable, cache, *, comm=None, retries=0, force=False, chunksize=None, verbose=False,
+def mpimap(fn, iterable, output, *, comm=None, retries=0, force=False, chunksize=None, verbose=False,
            on_code_change="warn", progress=True, timeout=None, prune=False, in_memory=False):
-    """``[fn(x) for x in iterable]`` over MPI ranks, each result stored under ``cache`` as it finishes.
+    """``[fn(x) for x in iterable]`` over MPI ranks, each result stored under ``output`` as it finishes.
 
     Run the same script on every rank (``mpiexec -n 4 python script.py``); every rank gets the results. A rerun
     computes only the arguments without a stored result, wherever they appear in the iterable.
@@ -238,8 +238,8 @@ def mpimap(fn, iterable, cache, *, comm=None, retries=0, force=False, chunksize=
         The job, called as ``fn(x)``.
     iterable : iterable
         One job per item; every rank must build the same items.
-    cache : str or path
-        The output file (the blog post's format); results are kept in ``cache + '.cache/'``.
+    output : str or path
+        The output file (the blog post's format); results are kept in ``output + '.cache/'``.
     comm : mpi4py communicator, optional
         Default ``MPI.COMM_WORLD`` (serial in this process without mpi4py or with one rank).
     verbose : bool
@@ -253,14 +253,14 @@ def mpimap(fn, iterable, cache, *, comm=None, retries=0, force=False, chunksize=
     Results
         The results in the order of ``iterable``, read from disk when accessed (a list with ``in_memory=True``).
     """
-    if cache is None:
-        raise UsageError("mpimap needs cache='results.pkl': the output file that keeps finished jobs across "
+    if output is None:
+        raise UsageError("mpimap needs output='results.pkl': the output file that keeps finished jobs across "
                          "crashes and reruns")
     if comm is None:
         comm = world_communicator()
     if verbose:
         enable_verbose_logging(0 if comm is None else comm.Get_rank())
-    sweep = Sweep(fn, job_list(iterable), os.fspath(cache), retries=retries, force=force, chunksize=chunksize,
+    sweep = Sweep(fn, job_list(iterable), os.fspath(output), retries=retries, force=force, chunksize=chunksize,
                   verbose=verbose, on_code_change=on_code_change, timeout=timeout, prune=prune,
                   monitor=_monitor(progress, 0 if comm is None else comm.Get_rank()))
     return run_sweep(sweep, comm, "values", in_memory)

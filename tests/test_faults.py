@@ -13,7 +13,8 @@ import time
 import pytest
 
 from conftest import REPO, tmpfs
-from mpitasker_ext import cache as cachemod
+from mpitasker_ext import journal, lock, rundir
+from mpitasker_ext.scan import journal_records
 
 TORTURE_JOB = """
     import os, sys, time
@@ -36,7 +37,7 @@ def load_output(path):
 
 
 def finished_indices(run_dir):
-    return {rec.index for rec in cachemod.RunCache(run_dir[:-4]).read_records() if rec.ok}
+    return {rec.index for rec in rundir.RunDir(run_dir[:-4]).read_records() if rec.ok}
 
 
 def popen(runner, script, n, *args, **env):
@@ -51,14 +52,14 @@ def run_env(runner, script, n, *args, **env):
 
 
 def wait_lock_free(run_dir, timeout=15):
-    path = os.path.join(run_dir, cachemod.LOCK)
+    path = os.path.join(run_dir, rundir.LOCK)
     deadline = time.time() + timeout
     while time.time() < deadline:
         try:
             pid = json.load(open(path))["pid"]
         except (FileNotFoundError, ValueError, KeyError):
             return
-        if not cachemod._pid_alive(pid):
+        if not lock.pid_alive(pid):
             return
         time.sleep(0.05)
     raise AssertionError("rank 0 outlived the kill")
@@ -117,7 +118,7 @@ def test_killing_one_worker_names_it_and_the_rerun_resumes(runner):
     while len(journals()) < 3 and time.time() < deadline:
         time.sleep(0.02)
     time.sleep(0.3)
-    headers = [cachemod.journal_header(open(os.path.join(run_dir, p), "rb").read()) for p in journals()]
+    headers = [journal.parse_header(open(os.path.join(run_dir, p), "rb").read())[1] for p in journals()]
     victim = next(h for h in headers if h.get("rank") == 2)
     os.kill(victim["pid"], signal.SIGKILL)
     proc.communicate(timeout=30)
@@ -185,7 +186,7 @@ def test_second_run_on_the_same_output_is_refused(runner):
     runner.write("job.py", TORTURE_JOB.replace("time.sleep(0.001)", "time.sleep(0.05)"))
     first = popen(runner, "job.py", 3, 200)
     deadline = time.time() + 30
-    while not os.path.exists(runner.path("out.pkl.mpi", cachemod.LOCK)) and time.time() < deadline:
+    while not os.path.exists(runner.path("out.pkl.mpi", rundir.LOCK)) and time.time() < deadline:
         time.sleep(0.02)
     second = run_env(runner, "job.py", 3, 200)
     assert second.returncode != 0 and "RunLocked" in second.stderr
@@ -270,7 +271,7 @@ def add_empty_journal(journals):
 
 def make_journal_unreadable(journals):
     path = journals[0]
-    count = sum(1 for rec in cachemod.decode_journal(open(path, "rb").read()) if rec.ok)
+    count = sum(1 for rec in journal_records(path) if rec.ok)
     os.remove(path)
     os.mkdir(path)                                   # reading it now fails (root ignores chmod 000)
     return path, count
@@ -279,8 +280,8 @@ def make_journal_unreadable(journals):
 def wrong_version_journal(journals):
     path = journals[0]
     data = open(path, "rb").read()
-    count = sum(1 for rec in cachemod.decode_journal(data) if rec.ok)
-    current = b"MPITASKER-JOURNAL %d" % cachemod.FORMAT_VERSION
+    count = sum(1 for rec in journal_records(path) if rec.ok)
+    current = b"MPITASKER-JOURNAL %d" % journal.FORMAT_VERSION
     open(path, "wb").write(data.replace(current, b"MPITASKER-JOURNAL 7", 1))
     return path, count
 
@@ -288,13 +289,13 @@ def wrong_version_journal(journals):
 def damage_manifest(journals):
     """The manifest only describes the run for readers now (each journal names its own code): damage to it
     loses nothing and is simply rewritten."""
-    path = os.path.join(os.path.dirname(journals[0]), cachemod.MANIFEST)
+    path = os.path.join(os.path.dirname(journals[0]), rundir.MANIFEST)
     open(path, "wb").write(b"{not json")
     return None, 0
 
 
 def remove_manifest(journals):
-    os.remove(os.path.join(os.path.dirname(journals[0]), cachemod.MANIFEST))
+    os.remove(os.path.join(os.path.dirname(journals[0]), rundir.MANIFEST))
     return None, 0
 
 

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 
 from conftest import REPO
-from mpitasker_ext import CodeChanged, cache, closure
+from mpitasker_ext import CodeChanged, closure, identity
 from mpitasker_ext.errors import UsageError
 from mpitasker_ext.identity import args_digests
 
@@ -41,7 +41,7 @@ def in_fresh_processes(code, seeds=SEEDS):
 def test_args_digest_is_the_same_under_every_hash_seed():
     code = textwrap.dedent("""
         import collections, dataclasses
-        from mpitasker_ext.cache import args_digest
+        from mpitasker_ext.identity import args_digest
         Pair = collections.namedtuple("Pair", "name tags")
         @dataclasses.dataclass
         class Spec:
@@ -56,19 +56,19 @@ def test_args_digest_is_the_same_under_every_hash_seed():
 
 def test_dict_from_a_set_is_one_argument_on_every_rank():
     code = textwrap.dedent("""
-        from mpitasker_ext.cache import args_digest
+        from mpitasker_ext.identity import args_digest
         words = {"alpha", "beta", "gamma", "delta", "epsilon", "zeta", "eta", "theta"}
         print(args_digest(dict.fromkeys(words, 7)).hex())
     """)
-    expected = cache.args_digest(dict.fromkeys(sorted(["alpha", "beta", "gamma", "delta", "epsilon", "zeta", "eta",
+    expected = identity.args_digest(dict.fromkeys(sorted(["alpha", "beta", "gamma", "delta", "epsilon", "zeta", "eta",
                                                         "theta"]), 7)).hex()
     assert in_fresh_processes(code) == [expected] * len(SEEDS)
 
 
 def test_dict_insertion_order_does_not_matter_but_ordered_dict_order_does():
-    assert cache.args_digest({"a": 1, "b": [2, {"c": 3, "d": 4}]}) == cache.args_digest(
+    assert identity.args_digest({"a": 1, "b": [2, {"c": 3, "d": 4}]}) == identity.args_digest(
         {"b": [2, {"d": 4, "c": 3}], "a": 1})
-    assert cache.args_digest(collections.OrderedDict(a=1, b=2)) != cache.args_digest(
+    assert identity.args_digest(collections.OrderedDict(a=1, b=2)) != identity.args_digest(
         collections.OrderedDict(b=2, a=1))
 
 
@@ -84,10 +84,10 @@ class Spec:
 def test_sets_inside_namedtuples_dataclasses_and_dict_keys_are_canonical():
     one, other = {1, 9}, {9, 1}
     assert list(one) != list(other)  # equal sets, iterated in another order
-    assert cache.args_digest(Pair("p", one)) == cache.args_digest(Pair("p", other))
-    assert cache.args_digest(Spec(one, {"a": 1, "b": 2})) == cache.args_digest(Spec(other, {"b": 2, "a": 1}))
-    assert cache.args_digest({frozenset(one): "k"}) == cache.args_digest({frozenset(other): "k"})
-    assert cache.args_digest(Pair("p", one)) != cache.args_digest(Pair("p", {1, 8}))
+    assert identity.args_digest(Pair("p", one)) == identity.args_digest(Pair("p", other))
+    assert identity.args_digest(Spec(one, {"a": 1, "b": 2})) == identity.args_digest(Spec(other, {"b": 2, "a": 1}))
+    assert identity.args_digest({frozenset(one): "k"}) == identity.args_digest({frozenset(other): "k"})
+    assert identity.args_digest(Pair("p", one)) != identity.args_digest(Pair("p", {1, 8}))
 
 
 class Plain:
@@ -107,42 +107,42 @@ def test_set_of_default_repr_objects_does_not_depend_on_addresses():
             break
     else:
         pytest.skip("could not allocate two pairs in opposite address order")
-    assert cache.args_digest(set(first)) == cache.args_digest(set(later))
-    assert cache.args_digest({Plain(0), Plain(1)}) != cache.args_digest({Plain(0), Plain(2)})
+    assert identity.args_digest(set(first)) == identity.args_digest(set(later))
+    assert identity.args_digest({Plain(0), Plain(1)}) != identity.args_digest({Plain(0), Plain(2)})
 
 
 def test_a_numpy_view_has_the_digest_of_its_copy():
     grid = np.arange(60.0).reshape(6, 10)
     for j in range(10):
-        assert cache.args_digest(grid[:, j]) == cache.args_digest(grid[:, j].copy())
-    assert cache.args_digest((grid[::2, 1:], 5)) == cache.args_digest((np.array(grid[::2, 1:]), 5))
-    assert cache.args_digest(np.asfortranarray(grid)) == cache.args_digest(grid)
+        assert identity.args_digest(grid[:, j]) == identity.args_digest(grid[:, j].copy())
+    assert identity.args_digest((grid[::2, 1:], 5)) == identity.args_digest((np.array(grid[::2, 1:]), 5))
+    assert identity.args_digest(np.asfortranarray(grid)) == identity.args_digest(grid)
     big = np.random.default_rng(0).random((400, 3000))  # several copy chunks
-    assert cache.args_digest(big[:, ::3]) == cache.args_digest(big[:, ::3].copy())
-    assert cache.args_digest(big.T) == cache.args_digest(big.T.copy())
-    assert cache.args_digest(grid) != cache.args_digest(grid.T)
-    assert cache.args_digest(grid) != cache.args_digest(grid.reshape(10, 6))
-    assert cache.args_digest(grid) != cache.args_digest(grid.astype(np.float32))
+    assert identity.args_digest(big[:, ::3]) == identity.args_digest(big[:, ::3].copy())
+    assert identity.args_digest(big.T) == identity.args_digest(big.T.copy())
+    assert identity.args_digest(grid) != identity.args_digest(grid.T)
+    assert identity.args_digest(grid) != identity.args_digest(grid.reshape(10, 6))
+    assert identity.args_digest(grid) != identity.args_digest(grid.astype(np.float32))
 
 
 def test_shared_parts_and_cycles():
     part, grid = [1, 2], np.arange(4.0)
-    assert cache.args_digest([part, part]) == cache.args_digest([part, copy.copy(part)])
-    assert cache.args_digest([grid, grid]) == cache.args_digest([grid, grid.copy()])  # pickle's memo differs
+    assert identity.args_digest([part, part]) == identity.args_digest([part, copy.copy(part)])
+    assert identity.args_digest([grid, grid]) == identity.args_digest([grid, grid.copy()])  # pickle's memo differs
     loop, other = [], []
     loop.append(loop)
     other.append(other)
-    assert cache.args_digest(loop) == cache.args_digest(other)
-    assert cache.args_digest(loop) != cache.args_digest([[]])
+    assert identity.args_digest(loop) == identity.args_digest(other)
+    assert identity.args_digest(loop) != identity.args_digest([[]])
 
 
 def test_values_a_job_can_tell_apart_have_different_digests():
     values = [1, 1.0, True, "1", b"1", bytearray(b"1"), 1 + 0j, np.int64(1), np.float64(1.0), 0.0, -0.0, 0,
               False, None, (1,), [1], {1}, frozenset({1}), {1: None}, collections.OrderedDict({1: None}),
               range(1), Plain, Pair, 2 ** 70, float("inf"), "", b"", (), []]
-    digests = [cache.args_digest(v) for v in values]
+    digests = [identity.args_digest(v) for v in values]
     assert len(set(digests)) == len(values)
-    assert cache.args_digest(float("nan")) == cache.args_digest(float("nan"))
+    assert identity.args_digest(float("nan")) == identity.args_digest(float("nan"))
 
 
 def test_fast_paths_give_the_general_encoding():
@@ -151,7 +151,7 @@ def test_fast_paths_give_the_general_encoding():
                   [1, 2, 3], {"a": 1, "b": 2.0}, {3, 4}]:
         encoder = _Encoder()
         encoder.encode(value)
-        assert cache.args_digest(value) == encoder.digest(), value
+        assert identity.args_digest(value) == encoder.digest(), value
 
 
 def _defined_in_main(source, **names):
@@ -168,12 +168,12 @@ def test_functions_in_arguments_count_by_their_code_closure_and_defaults():
                 return x + k
             return f
     """)["make"]
-    assert cache.args_digest(make(1)) != cache.args_digest(make(100))
-    assert cache.args_digest(make(1)) == cache.args_digest(make(1))
-    assert cache.args_digest([make(1), make(2)]) != cache.args_digest([make(10), make(20)])
+    assert identity.args_digest(make(1)) != identity.args_digest(make(100))
+    assert identity.args_digest(make(1)) == identity.args_digest(make(1))
+    assert identity.args_digest([make(1), make(2)]) != identity.args_digest([make(10), make(20)])
     one, two = _defined_in_main("f = lambda: 1")["f"], _defined_in_main("f = lambda: 2")["f"]
-    assert cache.args_digest(one) != cache.args_digest(two)
-    assert cache.args_digest(os.path.join) == cache.args_digest(os.path.join)  # a library's: by reference
+    assert identity.args_digest(one) != identity.args_digest(two)
+    assert identity.args_digest(os.path.join) == identity.args_digest(os.path.join)  # a library's: by reference
 
 
 MODEL = """
@@ -187,10 +187,10 @@ MODEL = """
 
 def test_editing_the_class_of_an_argument_changes_its_digest():
     first, edited, again = (_defined_in_main(MODEL.replace("2", factor))["Model"] for factor in "232")
-    assert cache.args_digest(first(1)) != cache.args_digest(edited(1))
-    assert cache.args_digest(first(1)) == cache.args_digest(again(1))
+    assert identity.args_digest(first(1)) != identity.args_digest(edited(1))
+    assert identity.args_digest(first(1)) == identity.args_digest(again(1))
     assert args_digests([first(1), first(2)]) != args_digests([edited(1), edited(2)])
-    assert cache.args_digest(first(1)) != cache.args_digest(first(2))
+    assert identity.args_digest(first(1)) != identity.args_digest(first(2))
 
 
 def test_args_digests_hashes_a_class_once_per_call_and_agrees_with_args_digest(monkeypatch):
@@ -206,7 +206,7 @@ def test_args_digests_hashes_a_class_once_per_call_and_agrees_with_args_digest(m
     loop.append(loop)
     args = [model(1), model(2), model, model.run, model(3).run, space["build"], (tree, tree), loop, [loop, tree],
             model.default, 7, "x"]
-    assert args_digests(args) == [cache.args_digest(arg) for arg in args]  # rank 0 and the workers agree
+    assert args_digests(args) == [identity.args_digest(arg) for arg in args]  # rank 0 and the workers agree
 
     counted = []
     real = identity._code_digest
@@ -226,13 +226,13 @@ def test_a_user_module_counts_by_its_source_and_the_attributes_code_reads(tmp_pa
     helpers = __import__(name)
     monkeypatch.setitem(sys.modules, name, helpers)
     uses = _defined_in_main("def g(x):\n    return helpers.f(x)\n", helpers=helpers)["g"]
-    fp = cache.code_fingerprint
-    first, module_first, as_argument = fp(uses), fp(helpers), cache.args_digest(helpers)
+    fp = identity.code_fingerprint
+    first, module_first, as_argument = fp(uses), fp(helpers), identity.args_digest(helpers)
 
     source.write_text("def f(x):\n    return x * 5\n")  # edited next to the notebook, not reloaded
     assert fp(uses) != first
     assert fp(helpers) != module_first
-    assert cache.args_digest(helpers) != as_argument
+    assert identity.args_digest(helpers) != as_argument
     source.write_text("def f(x):\n    return x * 2\n")
     assert (fp(uses), fp(helpers)) == (first, module_first)
 
@@ -267,22 +267,22 @@ def _doubled(levels, share=True):
 def test_shared_parts_and_interlinked_objects_take_linear_time():
     import time
     started = time.perf_counter()
-    cache.args_digest(_doubled(20))  # 2 ** 20 paths, 21 lists
-    cache.args_digest(_grid(5)[0][0])  # every node reaches every other by many paths
+    identity.args_digest(_doubled(20))  # 2 ** 20 paths, 21 lists
+    identity.args_digest(_grid(5)[0][0])  # every node reaches every other by many paths
     assert time.perf_counter() - started < 0.5
 
-    assert cache.args_digest(_doubled(6)) == cache.args_digest(_doubled(6, share=False))  # sharing is not data
-    assert cache.args_digest(_doubled(6)) != cache.args_digest(_doubled(7))
+    assert identity.args_digest(_doubled(6)) == identity.args_digest(_doubled(6, share=False))  # sharing is not data
+    assert identity.args_digest(_doubled(6)) != identity.args_digest(_doubled(7))
     one, other = _grid(4), _grid(4)
-    assert cache.args_digest(one[0][0]) == cache.args_digest(other[0][0])
-    assert cache.args_digest(one) == cache.args_digest(other)
+    assert identity.args_digest(one[0][0]) == identity.args_digest(other[0][0])
+    assert identity.args_digest(one) == identity.args_digest(other)
     other[3][3].value = (9, 9)
-    assert cache.args_digest(one[0][0]) != cache.args_digest(other[0][0])
+    assert identity.args_digest(one[0][0]) != identity.args_digest(other[0][0])
 
 
 def test_an_interlinked_argument_is_the_same_under_every_hash_seed():
     code = textwrap.dedent("""
-        from mpitasker_ext.cache import args_digest
+        from mpitasker_ext.identity import args_digest
         class Node:
             def __init__(self, name):
                 self.name, self.links, self.tags = name, [], {name, name * 2}
@@ -298,8 +298,8 @@ def test_an_interlinked_argument_is_the_same_under_every_hash_seed():
 
 def test_dict_keys_of_one_form_do_not_depend_on_insertion_order():
     nan, other_nan = float("nan"), float("nan")
-    assert cache.args_digest({nan: 1, other_nan: [2]}) == cache.args_digest({other_nan: [2], nan: 1})
-    assert cache.args_digest({nan: 1, other_nan: [2]}) != cache.args_digest({nan: 1, other_nan: [3]})
+    assert identity.args_digest({nan: 1, other_nan: [2]}) == identity.args_digest({other_nan: [2], nan: 1})
+    assert identity.args_digest({nan: 1, other_nan: [2]}) != identity.args_digest({nan: 1, other_nan: [3]})
 
 
 def test_an_argument_deeper_than_the_recursion_limit_is_a_usage_error():
@@ -307,7 +307,7 @@ def test_an_argument_deeper_than_the_recursion_limit_is_a_usage_error():
     for i in range(sys.getrecursionlimit() * 2):
         deep = Spec({i}, {"next": deep})
     with pytest.raises(UsageError, match="nests too deeply"):
-        cache.args_digest(deep)
+        identity.args_digest(deep)
 
 
 @pytest.mark.parametrize("make, name", [
@@ -319,7 +319,7 @@ def test_unsupported_arguments_are_a_usage_error_naming_the_type(make, name):
     value = make()
     try:
         with pytest.raises(UsageError, match=rf"{name}.*pass plain data"):
-            cache.args_digest([1, {"inner": value}])
+            identity.args_digest([1, {"inner": value}])
     finally:
         if hasattr(value, "close"):
             value.close()
@@ -360,13 +360,13 @@ def _plus(v, k=2):
 
 
 def test_script_fingerprint_covers_class_attributes_state_partials_defaults_and_wrappers(monkeypatch):
-    before = cache.code_fingerprint(_scaled)
+    before = identity.code_fingerprint(_scaled)
     monkeypatch.setattr(_Config, "factor", 3)
-    assert cache.code_fingerprint(_scaled) != before
+    assert identity.code_fingerprint(_scaled) != before
     monkeypatch.undo()
-    assert cache.code_fingerprint(_scaled) == before
+    assert identity.code_fingerprint(_scaled) == before
 
-    fp = cache.code_fingerprint
+    fp = identity.code_fingerprint
     assert fp(functools.partial(_times, k=2)) != fp(functools.partial(_times, k=3))
     assert fp(functools.partial(_times, k=2)) != fp(functools.partial(_plus, k=2))
     assert fp(_Scale(2)) != fp(_Scale(3))
@@ -389,17 +389,17 @@ def test_script_fingerprint_covers_class_attributes_state_partials_defaults_and_
 def test_pickling_an_instance_does_not_change_its_class_fingerprint():
     class Fresh:
         k = 2
-    before = cache.code_fingerprint(Fresh)
+    before = identity.code_fingerprint(Fresh)
     Fresh().__reduce_ex__(4)  # what pickling does: copyreg caches __slotnames__ on the class
     assert "__slotnames__" in vars(Fresh)
-    assert cache.code_fingerprint(Fresh) == before
+    assert identity.code_fingerprint(Fresh) == before
 
 
 def test_an_unencodable_capture_counts_by_its_type(caplog):
     def make(lock):
         return lambda v: (lock, v)
     with caplog.at_level(logging.DEBUG, logger="mpitasker_ext.identity"):
-        assert cache.code_fingerprint(make(threading.Lock())) == cache.code_fingerprint(make(threading.Lock()))
+        assert identity.code_fingerprint(make(threading.Lock())) == identity.code_fingerprint(make(threading.Lock()))
     assert "_thread.lock" in caplog.text
 
 

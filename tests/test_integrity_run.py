@@ -9,11 +9,11 @@ import sys
 import pytest
 
 from conftest import unloadable_payload
-from mpitasker_ext import JobsFailed, cache, mpimap
+from mpitasker_ext import JobsFailed, mpimap
 from mpitasker_ext.errors import CodeChanged
+from mpitasker_ext.results import Results
 from mpitasker_ext.scheduler import Sweep
 from mpitasker_ext.scheduler import run_serial as _run_serial
-from mpitasker_ext.store import Results
 
 
 def run_serial(sweep):
@@ -167,19 +167,22 @@ def test_restarts_do_not_copy_the_output_again_and_again(in_tmp):
 
 def test_a_stored_result_that_no_longer_loads_is_computed_again_in_the_same_run(in_tmp, caplog):
     """Whatever order the journals' names sort in: the damaged copy is set aside, the job computed again."""
-    from mpitasker_ext import store
+    from mpitasker_ext.identity import args_digest, code_fingerprint
+    from mpitasker_ext.journal import JournalWriter
+    from mpitasker_ext.payload import encode_value
+    from mpitasker_ext.rundir import RunDir
 
     def square(x):
         return x * x
-    run = cache.RunCache("order.pkl")
+    run = RunDir("order.pkl")
     run.create()
-    run.write_manifest(4, cache.code_fingerprint(square), "square")
-    good = store.encode_value(4)
-    first = cache.JournalWriter(run.path("journal-r00000-00000000.bin"), 0)
-    first.append(2, True, cache.args_digest(2), 0.0, unloadable_payload())
+    run.write_manifest(4, code_fingerprint(square), "square")
+    good = encode_value(4)
+    first = JournalWriter(run.path("journal-r00000-00000000.bin"), 0)
+    first.append(2, True, args_digest(2), 0.0, unloadable_payload())
     first.close()
-    second = cache.JournalWriter(run.path("journal-r00000-ffffffff.bin"), 0)
-    second.append_value(2, cache.args_digest(2), 0.0, good)
+    second = JournalWriter(run.path("journal-r00000-ffffffff.bin"), 0)
+    second.append_value(2, args_digest(2), 0.0, good)
     second.close()
     calls = []
     with caplog.at_level("WARNING"):
@@ -308,14 +311,14 @@ def test_scripts_apply_the_code_change_policy_to_finished_results(in_tmp):
 CLOSE_FAILS = """
 import errno, os
 from mpi4py import MPI
-import mpitasker_ext.cache as c
+import mpitasker_ext.journal as j
 from mpitasker_ext import mpimap, WorkerError
 if MPI.COMM_WORLD.rank == 1:
-    real_close = c.JournalWriter.close
+    real_close = j.JournalWriter.close
     def close(self):
         real_close(self)
         raise OSError(errno.EIO, "simulated fsync failure at close")
-    c.JournalWriter.close = close
+    j.JournalWriter.close = close
 try:
     mpimap(lambda x: x * 2, range(6), "out.pkl", progress=False)
     print("RESULT", MPI.COMM_WORLD.rank, "finished", flush=True)

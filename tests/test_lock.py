@@ -13,7 +13,7 @@ import time
 import pytest
 
 from conftest import REPO
-from mpitasker_ext import cache, progress, widget
+from mpitasker_ext import lock, progress, rundir, widget
 from mpitasker_ext.errors import RunLocked
 from mpitasker_ext.tasker import Tasker
 
@@ -29,13 +29,13 @@ def proc_start(pid):
 
 @pytest.fixture
 def run(tmp_path):
-    c = cache.RunCache(str(tmp_path / "out.pkl"))
-    c.create()
-    return c
+    r = rundir.RunDir(str(tmp_path / "out.pkl"))
+    r.create()
+    return r
 
 
 def write_lock(run, age=0.0, **holder):
-    path = run.path(cache.LOCK)
+    path = run.path(rundir.LOCK)
     with open(path, "w") as f:
         if holder:
             json.dump(holder, f)
@@ -53,16 +53,16 @@ def write_status(run, **fields):
 
 
 def holder_pid(run):
-    return json.load(open(run.path(cache.LOCK)))["pid"]
+    return json.load(open(run.path(rundir.LOCK)))["pid"]
 
 
 def _race(outputs, barrier, results):
     """One contender: for each output, try to take its stale lock at the same moment as the others."""
-    from mpitasker_ext.cache import RunCache
     from mpitasker_ext.errors import RunLocked
+    from mpitasker_ext.rundir import RunDir
 
     for output in outputs:
-        run = RunCache(output)
+        run = RunDir(output)
         barrier.wait()
         try:
             run.acquire_lock()
@@ -80,7 +80,7 @@ def test_racing_takers_of_a_stale_lock_never_both_win(tmp_path):
     rounds, contenders = 80, 3
     outputs = []
     for i in range(rounds):
-        run = cache.RunCache(str(tmp_path / f"out{i}.pkl"))
+        run = rundir.RunDir(str(tmp_path / f"out{i}.pkl"))
         run.create()
         write_lock(run, age=3600, pid=4242, host=ELSEWHERE, since=0)
         outputs.append(run.output)
@@ -104,17 +104,17 @@ def test_a_lock_being_written_is_not_taken_over(run):
     write_lock(run)                                                        # created, content not written yet
     with pytest.raises(RunLocked, match="empty or unreadable"):
         run.acquire_lock()
-    with open(run.path(cache.LOCK), "w") as f:
+    with open(run.path(rundir.LOCK), "w") as f:
         f.write('{"pid": 12')                                              # half written
     with pytest.raises(RunLocked):
         run.acquire_lock()
 
 
 def test_an_abandoned_empty_lock_is_taken_over(run):
-    write_lock(run, age=cache.LOCK_STALE_AFTER + 60)
+    write_lock(run, age=lock.LOCK_STALE_AFTER + 60)
     with run.locked():
         assert holder_pid(run) == os.getpid()
-    assert not os.path.exists(run.path(cache.LOCK))
+    assert not os.path.exists(run.path(rundir.LOCK))
 
 
 def test_a_remote_holder_is_judged_by_its_heartbeat_not_by_an_old_status(run):
@@ -122,7 +122,7 @@ def test_a_remote_holder_is_judged_by_its_heartbeat_not_by_an_old_status(run):
     path = write_lock(run, pid=4242, host=ELSEWHERE, since=time.time() - 3600)
     with pytest.raises(RunLocked, match=f"pid 4242 on host {ELSEWHERE}"):
         run.acquire_lock()
-    stamp = time.time() - cache.LOCK_STALE_AFTER - 10
+    stamp = time.time() - lock.LOCK_STALE_AFTER - 10
     os.utime(path, (stamp, stamp))
     run.acquire_lock()
     try:
@@ -134,12 +134,12 @@ def test_a_remote_holder_is_judged_by_its_heartbeat_not_by_an_old_status(run):
 def test_the_heartbeat_keeps_a_held_lock_fresh(run):
     run.acquire_lock()
     try:
-        path = run.path(cache.LOCK)
+        path = run.path(rundir.LOCK)
         old = time.time() - 100
         os.utime(path, (old, old))
         time.sleep(2.5 * HEARTBEAT)
         assert time.time() - os.stat(path).st_mtime < 2 * HEARTBEAT
-        other = cache.RunCache(run.output)
+        other = rundir.RunDir(run.output)
         with pytest.raises(RunLocked):
             other.acquire_lock()
     finally:
@@ -167,7 +167,7 @@ def test_a_reused_pid_is_not_the_holder(run):
 
 def test_takers_wait_for_a_takeover_in_progress_and_clear_an_abandoned_one(run):
     write_lock(run, age=3600, pid=4242, host=ELSEWHERE, since=0)
-    guard = run.path(cache.LOCK) + ".takeover"
+    guard = run.path(rundir.LOCK) + ".takeover"
     open(guard, "w").close()
     with pytest.raises(RunLocked, match="taking over"):
         run.acquire_lock()
@@ -190,8 +190,8 @@ def test_release_leaves_a_lock_that_is_no_longer_ours(run):
 HOLD = """
 import sys, time
 sys.path.insert(0, {repo!r})
-from mpitasker_ext.cache import RunCache
-RunCache({output!r}).acquire_lock()
+from mpitasker_ext.rundir import RunDir
+RunDir({output!r}).acquire_lock()
 print("held", flush=True)
 time.sleep(60)
 """
@@ -209,7 +209,7 @@ def test_readers_see_a_run_alive_while_its_lock_beats(run):
         holder.kill()
         holder.wait()
     stamp = time.time() - 2 * progress.STALE_AFTER
-    os.utime(run.path(cache.LOCK), (stamp, stamp))
+    os.utime(run.path(rundir.LOCK), (stamp, stamp))
     assert progress.read_progress(run.output).state == progress.STALE
 
 

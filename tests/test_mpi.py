@@ -26,16 +26,17 @@ def load_output(path):
 
 def wait_for_lock_holder_to_die(run_dir, timeout=15):
     """mpiexec dies at once; its ranks a moment later. Until then the lock rightly refuses a rerun."""
-    from mpitasker_ext.cache import LOCK, _pid_alive
+    from mpitasker_ext.lock import pid_alive
+    from mpitasker_ext.rundir import LOCK
     try:
         with open(os.path.join(run_dir, LOCK)) as f:
             pid = json.load(f)["pid"]
     except FileNotFoundError:
         return
     deadline = time.time() + timeout
-    while _pid_alive(pid) and time.time() < deadline:
+    while pid_alive(pid) and time.time() < deadline:
         time.sleep(0.05)
-    assert not _pid_alive(pid), f"rank 0 (pid {pid}) survived the kill of mpiexec"
+    assert not pid_alive(pid), f"rank 0 (pid {pid}) survived the kill of mpiexec"
 
 
 def test_seed_job_matches_the_reference_tasker(runner):
@@ -175,8 +176,8 @@ def test_truncated_record_is_recomputed(runner):
     run_dir = runner.path("out.pkl.mpi")
     journals = [os.path.join(run_dir, n) for n in os.listdir(run_dir) if n.startswith("journal-")]
     assert journals
-    from mpitasker_ext.cache import decode_journal
-    last = {path: list(decode_journal(open(path, "rb").read()))[-1] for path in journals}
+    from mpitasker_ext.scan import journal_records
+    last = {path: list(journal_records(path))[-1] for path in journals}
     victim = next(path for path, rec in last.items() if rec.ok)
     torn_index = last[victim].index
     with open(victim, "r+b") as f:

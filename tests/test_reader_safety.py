@@ -17,7 +17,9 @@ import pytest
 from test_server import Server
 
 from conftest import CHROMIUM, CHROMIUM_ARGS, REPO
-from mpitasker_ext import cache, progress
+from mpitasker_ext import journal, progress, rundir
+from mpitasker_ext.payload import DamagedRecord, encode_value, read_value
+from mpitasker_ext.scan import Location, journal_records, scan_journals
 from mpitasker_ext.widget import ProgressWidget
 
 XSS = "<img src=x onerror=window.__pwned=1>"
@@ -41,23 +43,23 @@ def evil_pickle(marker):
 def plant_output(root, name, marker):
     """A finished-looking run: a malicious output and a ``.code.json`` without a job count."""
     (root / name).write_bytes(evil_pickle(marker))
-    (root / (name + cache.META_SUFFIX)).write_text(json.dumps({"format": cache.FORMAT_VERSION, "code": "x"}))
+    (root / (name + rundir.META_SUFFIX)).write_text(json.dumps({"format": journal.FORMAT_VERSION, "code": "x"}))
 
 
 def plant_journal(root, name, failed_marker, started_marker):
     """A stale-looking run (no status file): a journal whose failed and started records hold malicious pickles."""
-    run_dir = root / (name + cache.RUN_SUFFIX)
+    run_dir = root / (name + rundir.RUN_SUFFIX)
     run_dir.mkdir()
-    data = (cache.JOURNAL_MAGIC_LINE % cache.FORMAT_VERSION
-            + cache.encode_record(5, cache.STARTED, bytes(16), 0.0, evil_pickle(started_marker))
-            + cache.encode_record(3, cache.FAILED, bytes(16), 0.0, evil_pickle(failed_marker)))
+    data = (journal.JOURNAL_MAGIC_LINE % journal.FORMAT_VERSION
+            + journal.encode_record(5, journal.STARTED, bytes(16), 0.0, evil_pickle(started_marker))
+            + journal.encode_record(3, journal.FAILED, bytes(16), 0.0, evil_pickle(failed_marker)))
     (run_dir / "journal-r00001-planted.bin").write_bytes(data)
 
 
 def plant_status(root, name, status):
-    run_dir = root / (name + cache.RUN_SUFFIX)
+    run_dir = root / (name + rundir.RUN_SUFFIX)
     run_dir.mkdir()
-    (run_dir / cache.STATUS).write_text(json.dumps(status))
+    (run_dir / rundir.STATUS).write_text(json.dumps(status))
 
 
 # Markup where numbers belong. The old reader passed these through as they were (the fields chosen here did not
@@ -149,41 +151,39 @@ def test_the_server_api_never_unpickles(planted):
 # -- the journal format 2 payloads ------------------------------------------------------------------------------------
 
 def test_failed_and_started_payloads_are_plain_data(tmp_path):
-    run = cache.RunCache(str(tmp_path / "out.pkl"))
+    run = rundir.RunDir(str(tmp_path / "out.pkl"))
     run.create()
-    journal = run.new_journal(1)
-    journal.start_batch([4, 5, 6])
-    journal.append(4, True, bytes(16), 0.1, pickle.dumps("four"))
+    writer = run.new_journal(1)
+    writer.start_batch([4, 5, 6])
+    writer.append_value(4, bytes(16), 0.1, encode_value("four"))
     info = {"index": 5, "arg": "5", "error": "ValueError: <b>", "traceback": "Traceback ...\nValueError: <b>"}
-    journal.append(5, False, bytes(16), 0.1, cache.encode_failure(info))
-    journal.close()
-    records = list(decoded(run))
+    writer.append(5, False, bytes(16), 0.1, journal.encode_failure(info))
+    writer.close()
+    records = list(journal_records(writer.path))
     assert records[0].batch() == [4, 5, 6] and records[0].payload == (4).to_bytes(8, "little") + \
         (5).to_bytes(8, "little") + (6).to_bytes(8, "little")
-    assert records[1].value() == "four"
+    assert records[1].ok and records[1].payload == b""                 # an ok payload is never held by a reader
     assert records[2].failure() == info and json.loads(records[2].payload) == info
-    with pytest.raises(ValueError):
-        records[2].value()
+    ok = scan_journals([writer.path]).ok[bytes(16)]
+    assert read_value(ok) == "four"
+    failed = Location(writer.path, ok.offset + ok.length, os.path.getsize(writer.path) - ok.offset - ok.length)
+    with pytest.raises(DamagedRecord, match="not a result record"):
+        read_value(failed)                                              # only an ok record is ever unpickled
     assert [(index, info.rank) for index, info in run.interrupted_jobs()] == [(6, 1)]
     for payload in (b"\x80\x04K\x01.", b"\xff\xfe", b"[" * 100000, b'{"index": "5", "arg": "", "error": "", '
                     b'"traceback": ""}', b'{"index": 5, "arg": 1, "error": "", "traceback": ""}', b"null"):
-        bad = cache.JobRecord(5, cache.FAILED, bytes(16), 0.0, payload).failure()
+        bad = journal.JobRecord(5, journal.FAILED, bytes(16), 0.0, payload).failure()
         assert bad == {"index": 5, "arg": "?", "error": "(failure record unreadable)", "traceback": ""}
-    assert cache.JobRecord(5, cache.STARTED, bytes(16), 0.0, b"\x01\x02\x03").batch() == []
-
-
-def decoded(run):
-    for _info, records in run.read_journals():
-        yield from records
+    assert journal.JobRecord(5, journal.STARTED, bytes(16), 0.0, b"\x01\x02\x03").batch() == []
 
 
 def test_a_format_1_journal_is_skipped_with_a_warning(tmp_path, caplog):
-    run = cache.RunCache(str(tmp_path / "out.pkl"))
+    run = rundir.RunDir(str(tmp_path / "out.pkl"))
     run.create()
     with open(run.path("journal-r00001-old.bin"), "wb") as f:
-        f.write(b"MPITASKER-JOURNAL 1\n" + cache.encode_record(0, cache.OK, bytes(16), 0.0, pickle.dumps(1)))
+        f.write(b"MPITASKER-JOURNAL 1\n" + journal.encode_record(0, journal.OK, bytes(16), 0.0, pickle.dumps(1)))
     assert list(run.read_records()) == []
-    assert f"not a format-{cache.FORMAT_VERSION} journal" in caplog.text
+    assert f"not a format-{journal.FORMAT_VERSION} journal" in caplog.text
 
 
 # -- markup where numbers belong ----------------------------------------------------------------------------------
@@ -205,9 +205,9 @@ def test_status_fields_are_type_checked():
 
 def test_deeply_nested_json_reads_as_damage(tmp_path):
     (tmp_path / "deep.pkl.mpi").mkdir()
-    (tmp_path / "deep.pkl.mpi" / cache.STATUS).write_text("[" * 100000)
+    (tmp_path / "deep.pkl.mpi" / rundir.STATUS).write_text("[" * 100000)
     (tmp_path / "deep.pkl.mpi" / "journal-r00001-deep.bin").write_bytes(
-        b"MPITASKER-JOURNAL %d " % cache.FORMAT_VERSION + b"[" * 4000 + b"\n")
+        b"MPITASKER-JOURNAL %d " % journal.FORMAT_VERSION + b"[" * 4000 + b"\n")
     assert progress.read_progress(tmp_path / "deep.pkl").state == "stale"
 
 
@@ -327,11 +327,11 @@ def test_files_inside_a_run_directory_that_lead_elsewhere_or_block_are_not_read(
     plant_journal(outside, "other2.pkl", tmp_path / "m1", tmp_path / "m2")
     linked = root / "x.pkl.mpi"
     linked.mkdir()
-    os.symlink(outside / "other.pkl.mpi" / cache.STATUS, linked / cache.STATUS)
+    os.symlink(outside / "other.pkl.mpi" / rundir.STATUS, linked / rundir.STATUS)
     os.symlink(outside / "other2.pkl.mpi" / "journal-r00001-planted.bin", linked / "journal-r00001-aaaa.bin")
     blocking = root / "y.pkl.mpi"
     blocking.mkdir()
-    os.mkfifo(blocking / cache.STATUS)
+    os.mkfifo(blocking / rundir.STATUS)
     started = time.monotonic()
     for name in ("x.pkl", "y.pkl"):
         snapshot = progress.read_progress(root / name)

@@ -7,7 +7,7 @@ import pickle
 import pytest
 
 from mpitasker_ext import load, mpimap
-from mpitasker_ext.store import Results
+from mpitasker_ext.results import Results
 
 GRID_JOB = """
 import os, sys

@@ -133,7 +133,7 @@ def test_bad_options_are_named():
         mpimap(str, [1], "o.pkl", retries=-1)
     with pytest.raises(UsageError, match="callable"):
         mpimap(5, [1], "o.pkl")
-    with pytest.raises(UsageError, match="cache="):
+    with pytest.raises(UsageError, match="output="):
         mpimap(str, [1], None)
     with pytest.raises(UsageError, match="does not exist"):
         mpimap(str, [1], "missing/dir/o.pkl")
@@ -149,14 +149,15 @@ def test_batch_size_adapts_and_shrinks_at_the_end():
 
 
 def test_a_cached_result_that_no_longer_unpickles_is_recomputed(caplog):
-    from mpitasker_ext import cache
-    run = cache.RunCache("gone.pkl")
+    from mpitasker_ext.identity import args_digest
+    from mpitasker_ext.rundir import RunDir
+    run = RunDir("gone.pkl")
     run.create()
     from conftest import unloadable_payload
-    from mpitasker_ext import store
+    from mpitasker_ext.payload import encode_value
     journal = run.new_journal(1)
-    journal.append(0, True, cache.args_digest(0), 0.0, unloadable_payload())
-    journal.append_value(1, cache.args_digest(1), 0.0, store.encode_value("kept"))
+    journal.append(0, True, args_digest(0), 0.0, unloadable_payload())
+    journal.append_value(1, args_digest(1), 0.0, encode_value("kept"))
     journal.close()
     calls = []
     with caplog.at_level(logging.WARNING):
@@ -165,8 +166,8 @@ def test_a_cached_result_that_no_longer_unpickles_is_recomputed(caplog):
 
 
 def test_a_result_too_large_for_a_record_fails_alone(monkeypatch):
-    from mpitasker_ext import cache
-    monkeypatch.setattr(cache, "MAX_RECORD", 10_000)
+    from mpitasker_ext import journal
+    monkeypatch.setattr(journal, "MAX_RECORD", 10_000)
     with pytest.raises(JobsFailed, match="more than a journal record holds") as info:
         mpimap(lambda x: b"x" * (50_000 if x == 2 else 10), range(4), "big.pkl", progress=False)
     assert info.value.indices == [2]

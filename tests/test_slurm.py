@@ -11,7 +11,7 @@ import pytest
 from slurm_cluster import Slurm
 
 from conftest import BIN, REPO
-from mpitasker_ext import cache as cachemod
+from mpitasker_ext.rundir import RunDir
 
 EXAMPLES = os.path.join(REPO, "examples", "slurm")
 
@@ -69,7 +69,7 @@ def test_batch_examples_run_the_sweep(slurm, sweep_dir, script, log):
 
 
 def finished_records(run_dir):
-    return {rec.index for rec in cachemod.RunCache(str(run_dir)[:-4]).read_records() if rec.ok}
+    return {rec.index for rec in RunDir(str(run_dir)[:-4]).read_records() if rec.ok}
 
 
 def wait_for_records(slurm, job, run_dir, count, log, timeout=120):

@@ -9,8 +9,12 @@ import numpy as np
 import pytest
 
 import mpitasker_ext
-from mpitasker_ext import cache, progress, store
+from mpitasker_ext import files, identity, journal, payload, progress, rundir, store
+from mpitasker_ext import results as resultsmod
+from mpitasker_ext import scan as scanmod
 from mpitasker_ext.errors import CacheError
+from mpitasker_ext.results import Results, write_output
+from mpitasker_ext.scan import scan_journals
 
 
 def touch_and_return(marker, value):
@@ -38,12 +42,12 @@ def notebook_class():
 
 
 def digest(i):
-    return cache.args_digest(i)
+    return identity.args_digest(i)
 
 
 @pytest.fixture
 def run(tmp_path):
-    c = cache.RunCache(str(tmp_path / "out.pkl"))
+    c = rundir.RunDir(str(tmp_path / "out.pkl"))
     c.create()
     return c
 
@@ -51,14 +55,14 @@ def run(tmp_path):
 def write_values(run, values, rank=1):
     w = run.new_journal(rank)
     for i, value in enumerate(values):
-        w.append_value(i, digest(i), 0.01, store.encode_value(value))
+        w.append_value(i, digest(i), 0.01, payload.encode_value(value))
     w.close()
     return w.path
 
 
 def read_back(run, n):
-    scan = store.scan_journals(run.journal_paths())
-    return [store.read_value(scan.ok[digest(i)]) for i in range(n)]
+    scan = scan_journals(run.journal_paths())
+    return [payload.read_value(scan.ok[digest(i)]) for i in range(n)]
 
 
 # -- records -------------------------------------------------------------------------------------------------------
@@ -81,13 +85,13 @@ def test_values_and_arrays_round_trip_with_their_layout(run):
 
 def test_big_buffers_go_out_of_band_and_object_arrays_in_band():
     big = np.ones(100000)
-    encoded = store.encode_value(big)
+    encoded = payload.encode_value(big)
     assert len(encoded.buffers) == 1 and encoded.buffers[0].obj is not None
     assert len(encoded.pickle) < 300 and encoded.size == len(encoded.to_bytes())
     assert np.shares_memory(np.frombuffer(encoded.buffers[0], dtype=big.dtype), big)     # never copied
-    assert store.encode_value(np.array([object()] * 1000, dtype=object)).buffers == []
-    assert store.encode_value(np.ones(100000)[::2]).buffers == []                       # non-contiguous: in-band
-    assert store.encode_value(np.ones(10)).buffers == []                                # small: in-band
+    assert payload.encode_value(np.array([object()] * 1000, dtype=object)).buffers == []
+    assert payload.encode_value(np.ones(100000)[::2]).buffers == []                       # non-contiguous: in-band
+    assert payload.encode_value(np.ones(10)).buffers == []                                # small: in-band
 
 
 def test_notebook_classes_fall_back_to_cloudpickle(run):
@@ -100,15 +104,15 @@ def test_notebook_classes_fall_back_to_cloudpickle(run):
 
 
 def test_a_record_over_the_limit_is_refused_and_nothing_is_written(run, monkeypatch):
-    monkeypatch.setattr(cache, "MAX_RECORD", 10000)
+    monkeypatch.setattr(journal, "MAX_RECORD", 10000)
     w = run.new_journal(1)
     size = os.path.getsize(w.path)
-    with pytest.raises(cache.RecordTooLarge):
-        w.append_value(0, digest(0), 0.0, store.encode_value(np.ones(5000)))
-    w.append_value(1, digest(1), 0.0, store.encode_value(np.ones(100)))
+    with pytest.raises(journal.RecordTooLarge):
+        w.append_value(0, digest(0), 0.0, payload.encode_value(np.ones(5000)))
+    w.append_value(1, digest(1), 0.0, payload.encode_value(np.ones(100)))
     w.close()
     assert os.path.getsize(w.path) > size
-    scan = store.scan_journals([w.path])
+    scan = scan_journals([w.path])
     assert list(scan.ok) == [digest(1)]
 
 
@@ -134,7 +138,7 @@ def test_partial_writes_and_more_parts_than_iov_max(run, monkeypatch):
 
 def test_torn_tail_and_flipped_byte_are_skipped_with_warnings(run, caplog):
     path = write_values(run, [np.full(2000, i, dtype=np.float64) for i in range(10)])
-    scan = store.scan_journals([path])
+    scan = scan_journals([path])
     loc5, loc9 = scan.ok[digest(5)], scan.ok[digest(9)]
     with open(path, "r+b") as f:
         f.seek(loc5.offset + loc5.length // 2)
@@ -143,12 +147,12 @@ def test_torn_tail_and_flipped_byte_are_skipped_with_warnings(run, caplog):
         f.write(bytes([byte[0] ^ 0xFF]))
         f.truncate(loc9.offset + loc9.length - 5)
     with caplog.at_level(logging.WARNING):
-        scan = store.scan_journals([path])
+        scan = scan_journals([path])
     assert sorted(scan.ok) == sorted(digest(i) for i in range(10) if i not in (5, 9)) and scan.records == 8
     assert "damaged bytes" in caplog.text and os.path.basename(path) in caplog.text
-    with pytest.raises(store.DamagedRecord, match="checksum"):
-        store.read_value(loc5)
-    assert (store.read_value(scan.ok[digest(8)]) == 8).all()
+    with pytest.raises(payload.DamagedRecord, match="checksum"):
+        payload.read_value(loc5)
+    assert (payload.read_value(scan.ok[digest(8)]) == 8).all()
 
 
 def test_a_small_torn_tail_is_named_as_such(run, caplog):
@@ -156,45 +160,45 @@ def test_a_small_torn_tail_is_named_as_such(run, caplog):
     with open(path, "r+b") as f:
         f.truncate(os.path.getsize(path) - 3)
     with caplog.at_level(logging.WARNING):
-        scan = store.scan_journals([path])
+        scan = scan_journals([path])
     assert len(scan.ok) == 4 and "torn tail" in caplog.text
 
 
 def test_frames_bigger_than_the_scan_window_are_checked_in_chunks(run, monkeypatch):
-    monkeypatch.setattr(store, "CHUNK", 64 * 1024)
+    monkeypatch.setattr(scanmod, "CHUNK", 64 * 1024)
     path = write_values(run, [np.full(50000, i, dtype=np.float64) for i in range(4)] + ["small"])
-    loc = store.scan_journals([path]).ok[digest(2)]
+    loc = scan_journals([path]).ok[digest(2)]
     with open(path, "r+b") as f:
         f.seek(loc.offset + loc.length - 100)
         f.write(b"\0" * 8)
-    scan = store.scan_journals([path])
+    scan = scan_journals([path])
     assert sorted(scan.ok) == sorted(digest(i) for i in (0, 1, 3, 4))
-    assert store.read_value(scan.ok[digest(4)]) == "small" and (store.read_value(scan.ok[digest(3)]) == 3).all()
+    assert payload.read_value(scan.ok[digest(4)]) == "small" and (payload.read_value(scan.ok[digest(3)]) == 3).all()
 
 
 def test_scanning_never_unpickles(run, tmp_path):
     marker = tmp_path / "unpickled"
     w = run.new_journal(1)
-    w.append_value(0, digest(0), 0.0, store.Encoded(pickle.dumps(Touching(str(marker), 1)), []))
+    w.append_value(0, digest(0), 0.0, payload.Encoded(pickle.dumps(Touching(str(marker), 1)), []))
     w.close()
-    scan = store.scan_journals(run.journal_paths())
+    scan = scan_journals(run.journal_paths())
     assert digest(0) in scan.ok and not marker.exists()
-    assert store.read_value(scan.ok[digest(0)]) == 1 and marker.exists()      # the plant works when read
+    assert payload.read_value(scan.ok[digest(0)]) == 1 and marker.exists()      # the plant works when read
 
 
 def test_failures_interrupted_batches_and_first_ok_wins(run):
     w = run.new_journal(2)
     w.start_batch([0, 1, 2])
-    w.append(0, False, digest(0), 0.1, cache.encode_failure({"index": 0, "arg": "0", "error": "E", "traceback": "T"}))
-    w.append_value(1, digest(1), 0.1, store.encode_value("first"))
+    w.append(0, False, digest(0), 0.1, journal.encode_failure({"index": 0, "arg": "0", "error": "E", "traceback": "T"}))
+    w.append_value(1, digest(1), 0.1, payload.encode_value("first"))
     w.close()
     later = run.new_journal(3)
-    later.append_value(1, digest(1), 0.1, store.encode_value("second"))
-    later.append_value(0, digest(0), 0.1, store.encode_value("zero"))
+    later.append_value(1, digest(1), 0.1, payload.encode_value("second"))
+    later.append_value(0, digest(0), 0.1, payload.encode_value("zero"))
     later.append(7, False, digest(7), 0.1, b"not json")
     later.close()
-    scan = store.scan_journals([w.path, later.path])
-    assert store.read_value(scan.ok[digest(1)]) == "first" and store.read_value(scan.ok[digest(0)]) == "zero"
+    scan = scan_journals([w.path, later.path])
+    assert payload.read_value(scan.ok[digest(1)]) == "first" and payload.read_value(scan.ok[digest(0)]) == "zero"
     assert list(scan.failed) == [digest(7)] and scan.failed[digest(7)].failure()["error"].startswith("(failure")
     assert [(info.in_flight, info.rank) for info in scan.interrupted] == [(2, 2)]
     assert scan.records == 5 and dict(scan.ok.items())[digest(0)] == scan.ok.get(digest(0))
@@ -202,32 +206,32 @@ def test_failures_interrupted_batches_and_first_ok_wins(run):
 
 def test_format_2_journals_and_garbage_are_read_without_crashing(run, caplog):
     old = run.path("journal-r00001-old.bin")
-    failure = cache.encode_failure({"index": 1, "arg": "1", "error": "old failure", "traceback": ""})
+    failure = journal.encode_failure({"index": 1, "arg": "1", "error": "old failure", "traceback": ""})
     with open(old, "wb") as f:
-        f.write(b"MPITASKER-JOURNAL 2 {\"rank\": 1}\n" + cache.encode_record(0, cache.OK, digest(0), 0.0,
-                pickle.dumps("old")) + cache.encode_record(1, cache.FAILED, digest(1), 0.0, failure))
+        f.write(b"MPITASKER-JOURNAL 2 {\"rank\": 1}\n" + journal.encode_record(0, journal.OK, digest(0), 0.0,
+                pickle.dumps("old")) + journal.encode_record(1, journal.FAILED, digest(1), 0.0, failure))
     garbage = run.path("journal-r00002-garbage.bin")
     with open(garbage, "wb") as f:
         f.write(b"garbage, not a journal")
     with caplog.at_level(logging.WARNING):
-        scan = store.scan_journals([old, garbage, run.path("journal-missing.bin")])
+        scan = scan_journals([old, garbage, run.path("journal-missing.bin")])
     assert len(scan.ok) == 0 and scan.old_format == 1 and scan.failed[digest(1)].failure()["error"] == "old failure"
     assert "not a format-3 journal" in caplog.text and "garbage" in caplog.text and "unreadable" in caplog.text
 
 
 def test_read_value_names_damage(run, tmp_path):
     path = write_values(run, ["a", "b"])
-    scan = store.scan_journals([path])
+    scan = scan_journals([path])
     loc = scan.ok[digest(0)]
-    with pytest.raises(store.DamagedRecord, match="no frame starts"):
-        store.read_value(loc._replace(offset=loc.offset + 1))
-    with pytest.raises(store.DamagedRecord, match="holds"):
-        store.read_value(loc._replace(length=loc.length + 1))
-    with pytest.raises(store.DamagedRecord, match="ends 1 bytes early"):
-        store.read_value(scan.ok[digest(1)]._replace(offset=scan.ok[digest(1)].offset + 1))
-    with pytest.raises(store.DamagedRecord, match="gone"):
-        store.read_value(loc._replace(journal=str(tmp_path / "nope.bin")))
-    assert isinstance(store.DamagedRecord("x"), CacheError)
+    with pytest.raises(payload.DamagedRecord, match="no frame starts"):
+        payload.read_value(loc._replace(offset=loc.offset + 1))
+    with pytest.raises(payload.DamagedRecord, match="holds"):
+        payload.read_value(loc._replace(length=loc.length + 1))
+    with pytest.raises(payload.DamagedRecord, match="ends 1 bytes early"):
+        payload.read_value(scan.ok[digest(1)]._replace(offset=scan.ok[digest(1)].offset + 1))
+    with pytest.raises(payload.DamagedRecord, match="gone"):
+        payload.read_value(loc._replace(journal=str(tmp_path / "nope.bin")))
+    assert isinstance(payload.DamagedRecord("x"), CacheError)
 
 
 # -- the store and lazy results ------------------------------------------------------------------------------------
@@ -235,17 +239,17 @@ def test_read_value_names_damage(run, tmp_path):
 def finished_store(tmp_path, values, args=None, prune=False):
     """What a finished run leaves: its journal adopted into the store, the grid indexed."""
     output = str(tmp_path / "res.pkl")
-    run = cache.RunCache(output)
+    run = rundir.RunDir(output)
     run.create()
     args = list(range(len(values))) if args is None else args
     w = run.new_journal(1)
     for i, value in enumerate(values):
-        w.append_value(i, cache.args_digest(args[i]), 0.0, store.encode_value(value))
+        w.append_value(i, identity.args_digest(args[i]), 0.0, payload.encode_value(value))
     w.close()
     rs = store.ResultStore(output)
     moved = rs.adopt(run.journal_paths())
-    scan = store.scan_journals(rs.journal_paths())
-    rs.write_index([scan.ok[cache.args_digest(arg)] for arg in args], args)
+    scan = scan_journals(rs.journal_paths())
+    rs.write_index([scan.ok[identity.args_digest(arg)] for arg in args], args)
     rs.write_meta("code", "fn")
     run.remove()
     return output, rs, moved
@@ -256,19 +260,19 @@ def test_adopt_index_and_lazy_reads(tmp_path):
     output, rs, moved = finished_store(tmp_path, [Touching(str(m), i * 10) for i, m in enumerate(markers)])
     assert rs.exists() and list(moved.values()) == rs.journal_paths() and not os.path.exists(output + ".mpi")
     assert rs.read_meta()["format"] == 3 and rs.read_meta()["code"] == "code"
-    results = store.Results(output)
+    results = Results(output)
     assert len(results) == 5 and not any(m.exists() for m in markers)
     assert results[3] == (3, [3], 30)
     assert [m.exists() for m in markers] == [False, False, False, True, False]
-    assert store.Results(output, kind="values")[-1] == 40 and markers[4].exists() and not markers[0].exists()
+    assert Results(output, kind="values")[-1] == 40 and markers[4].exists() and not markers[0].exists()
 
 
 def test_results_behave_like_a_list(tmp_path, monkeypatch):
     output, rs, _ = finished_store(tmp_path, [i * i for i in range(20)], args=[f"a{i}" for i in range(20)])
-    results = store.Results(output)
+    results = Results(output)
     expected = [(i, [f"a{i}"], i * i) for i in range(20)]
     assert results == expected and expected == results and results == tuple(expected) and results != expected[:-1]
-    assert results == store.Results(output) and (results != expected) is False
+    assert results == Results(output) and (results != expected) is False
     assert results[-1] == expected[-1] and results[2:9:3] == expected[2:9:3] and results[::-1] == expected[::-1]
     with pytest.raises(IndexError):
         results[20]
@@ -276,42 +280,42 @@ def test_results_behave_like_a_list(tmp_path, monkeypatch):
         results["1"]
     assert list(results) == expected and results.to_list() == expected
     assert repr(results) == repr(expected)                 # printed whole, as the list it stands for
-    monkeypatch.setattr(store, "_REPR_WHOLE", 7)
+    monkeypatch.setattr(resultsmod, "_REPR_WHOLE", 7)
     assert repr(results) == "[" + ", ".join(map(repr, expected[:3])) + ", ..., " + ", ".join(
         map(repr, expected[-3:])) + "] (20 items)"
-    assert repr(store.Results(output, kind="values")[:4]) == "[0, 1, 4, 9]"
+    assert repr(Results(output, kind="values")[:4]) == "[0, 1, 4, 9]"
     assert pickle.loads(pickle.dumps(results)) == expected and type(pickle.loads(pickle.dumps(results))) is list
-    values = store.Results(output, args=[f"a{i}" for i in range(20)], kind="values")
+    values = Results(output, args=[f"a{i}" for i in range(20)], kind="values")
     assert values.index(49) == 7 and 361 in values and values.count(4) == 1
     with pytest.raises(CacheError, match="holds 20 jobs"):
-        store.Results(output, args=[1, 2])
+        Results(output, args=[1, 2])
     with pytest.raises(CacheError, match="no stored results"):
-        store.Results(str(tmp_path / "other.pkl"))
+        Results(str(tmp_path / "other.pkl"))
 
 
 def test_duplicates_share_a_location_and_args_must_match_the_index(tmp_path):
     output, rs, _ = finished_store(tmp_path, ["x", "y"])
-    scan = store.scan_journals(rs.journal_paths())
+    scan = scan_journals(rs.journal_paths())
     rs.write_index([scan.ok[digest(1)], scan.ok[digest(0)], scan.ok[digest(1)]], [1, 0, 1])
-    assert store.Results(output) == [(0, [1], "y"), (1, [0], "x"), (2, [1], "y")]
-    cache.atomic_write_bytes(os.path.join(rs.path, store.ARGS), pickle.dumps([5, 6, 7]))
-    with pytest.raises(store.DamagedRecord, match="does not belong"):
-        store.Results(output)[0]
+    assert Results(output) == [(0, [1], "y"), (1, [0], "x"), (2, [1], "y")]
+    files.atomic_write_bytes(os.path.join(rs.path, store.ARGS), pickle.dumps([5, 6, 7]))
+    with pytest.raises(payload.DamagedRecord, match="does not belong"):
+        Results(output)[0]
     with open(os.path.join(rs.path, store.INDEX), "r+b") as f:
         f.truncate(os.path.getsize(f.name) - 1)
-    with pytest.raises(store.DamagedRecord, match="index"):
+    with pytest.raises(payload.DamagedRecord, match="index"):
         rs.read_index()
 
 
 def test_load_prefers_the_index_of_this_very_output(tmp_path):
     output, rs, _ = finished_store(tmp_path, ["a", "b"])
-    assert isinstance(mpitasker_ext.load(output), store.Results)         # output gone: the store has it
-    store.write_output(output, 2, lambda i: (i, [i], "ab"[i]))
-    run = cache.RunCache(output)
+    assert isinstance(mpitasker_ext.load(output), Results)         # output gone: the store has it
+    write_output(output, 2, lambda i: (i, [i], "ab"[i]))
+    run = rundir.RunDir(output)
     st = os.stat(output)
     run.write_meta(2, "code", "fn", output_identity=[st.st_size, st.st_mtime_ns])
     loaded = mpitasker_ext.load(output, kind="values")
-    assert isinstance(loaded, store.Results) and loaded == ["a", "b"]
+    assert isinstance(loaded, Results) and loaded == ["a", "b"]
     with open(output, "wb") as f:                                       # rewritten by some other tool
         pickle.dump(([(0, [0], "other")],), f)
     assert mpitasker_ext.load(output) == [(0, [0], "other")] and type(mpitasker_ext.load(output)) is list
@@ -328,25 +332,25 @@ def test_load_reads_a_blog_format_output(tmp_path):
 
 def test_compact_keeps_exactly_the_kept_digests(tmp_path):
     output, rs, _ = finished_store(tmp_path, [f"v{i}" for i in range(10)])
-    run = cache.RunCache(output)
+    run = rundir.RunDir(output)
     run.create()
     w = run.new_journal(2)
-    w.append_value(20, digest(20), 0.0, store.encode_value(np.full(3000, 20.0)))
-    w.append(21, False, digest(21), 0.0, cache.encode_failure({"index": 21, "error": "E"}))
+    w.append_value(20, digest(20), 0.0, payload.encode_value(np.full(3000, 20.0)))
+    w.append(21, False, digest(21), 0.0, journal.encode_failure({"index": 21, "error": "E"}))
     w.close()
     rs.adopt(run.journal_paths())
     before = rs.journal_paths()
     keep = {digest(i) for i in (1, 3, 5, 7, 9)}
-    new = rs.compact(keep | {digest(20)}, store.scan_journals(rs.journal_paths()))
+    new = rs.compact(keep | {digest(20)}, scan_journals(rs.journal_paths()))
     after = rs.journal_paths()
     assert len(after) == 1 and not set(after) & set(before)
-    scan = store.scan_journals(after)
+    scan = scan_journals(after)
     assert set(scan.ok) == keep | {digest(20)} and scan.failed == {} and dict(new.items()) == dict(scan.ok.items())
-    assert (store.read_value(scan.ok[digest(20)]) == 20).all() and store.read_value(scan.ok[digest(3)]) == "v3"
+    assert (payload.read_value(scan.ok[digest(20)]) == 20).all() and payload.read_value(scan.ok[digest(3)]) == "v3"
     assert not os.path.exists(os.path.join(rs.path, store.INDEX))     # it named pruned results
     rs.write_index([scan.ok[digest(i)] for i in (1, 3)], [1, 3])
     rs.compact(None, scan)
-    assert store.Results(output) == [(0, [1], "v1"), (1, [3], "v3")]  # the index follows the frames
+    assert Results(output) == [(0, [1], "v1"), (1, [3], "v3")]  # the index follows the frames
     rs.discard()
     assert not rs.exists() and rs.journal_paths() == []
 
@@ -371,7 +375,7 @@ def test_write_output_streams_one_result_at_a_time(tmp_path):
 
     tracemalloc.start()
     try:
-        store.write_output(output, 200, triple_at)
+        write_output(output, 200, triple_at)
         _current, peak = tracemalloc.get_traced_memory()
     finally:
         tracemalloc.stop()
@@ -387,8 +391,8 @@ def test_write_output_falls_back_for_cycles_and_notebook_classes(tmp_path, caplo
     cyclic = [1]
     cyclic.append(cyclic)
     point = notebook_class()
-    with caplog.at_level(logging.INFO, logger="mpitasker_ext.store"):
-        store.write_output(output, 3, lambda i: (i, [i], [cyclic, point(5), "plain"][i]))
+    with caplog.at_level(logging.INFO, logger="mpitasker_ext.results"):
+        write_output(output, 3, lambda i: (i, [i], [cyclic, point(5), "plain"][i]))
     data = blog_load(output)
     assert data[0][2][1] is data[0][2] and data[1][2].x == 5 and data[2] == (2, [2], "plain")
     assert "cannot stream" in caplog.text
@@ -403,13 +407,13 @@ def test_write_output_passes_on_what_the_source_raises(tmp_path):
         return (i, [i], i)
 
     with pytest.raises(KeyError, match="record 2"):
-        store.write_output(output, 4, triple_at)
+        write_output(output, 4, triple_at)
     assert os.listdir(tmp_path) == []
 
 
 def test_single_result_output_reads_in_the_blog_format(tmp_path):
     output = str(tmp_path / "one.pkl")
-    store.write_output(output, 1, lambda i: (0, ["x"], {"r": 1}))
+    write_output(output, 1, lambda i: (0, ["x"], {"r": 1}))
     assert blog_load(output) == [(0, ["x"], {"r": 1})]
 
 
@@ -419,9 +423,9 @@ def test_stale_progress_counts_distinct_results_without_unpickling(run, tmp_path
     marker = tmp_path / "unpickled"
     w = run.new_journal(1)
     for i in range(3):
-        w.append_value(i, digest(i), 0.0, store.Encoded(pickle.dumps(Touching(str(marker), i)), []))
-    w.append_value(0, digest(0), 0.0, store.encode_value(0))               # a duplicate counts once
-    w.append(5, False, digest(5), 0.0, cache.encode_failure({"index": 5, "arg": "5", "error": "Boom"}))
+        w.append_value(i, digest(i), 0.0, payload.Encoded(pickle.dumps(Touching(str(marker), i)), []))
+    w.append_value(0, digest(0), 0.0, payload.encode_value(0))               # a duplicate counts once
+    w.append(5, False, digest(5), 0.0, journal.encode_failure({"index": 5, "arg": "5", "error": "Boom"}))
     w.close()
     p = progress.read_progress(run.output)
     assert (p.state, p.done, p.failed) == ("stale", 3, 1) and [f.error for f in p.failures] == ["Boom"]
@@ -451,7 +455,7 @@ def test_a_planted_journal_of_huge_claimed_frames_is_scanned_in_linear_time(tmp_
     import time
     path = tmp_path / "journal-r00001-x.bin"
     unit = b"MTJ\x01" + struct.pack("<II", 5 << 20, 0)
-    path.write_bytes(b"MPITASKER-JOURNAL %d\n" % cache.FORMAT_VERSION + unit * ((6 << 20) // len(unit)))
+    path.write_bytes(b"MPITASKER-JOURNAL %d\n" % journal.FORMAT_VERSION + unit * ((6 << 20) // len(unit)))
     started = time.monotonic()
-    scan = store.scan_journals([str(path)])
+    scan = scan_journals([str(path)])
     assert scan.records == 0 and time.monotonic() - started < 10
