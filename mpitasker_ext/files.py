@@ -106,3 +106,7 @@ def fsync_dir(path):
         log.debug("cannot fsync the directory %s (%s)", path, exc)
     finally:
         os.close(fd)
+
+
+__all__ = ["atomic_write_bytes", "open_regular", "read_regular", "read_json", "pread_into", "unlink_quietly",
+           "fsync_dir"]

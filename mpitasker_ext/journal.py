@@ -230,3 +230,8 @@ class JournalWriter:
             finally:
                 os.close(self._fd)
                 self._fd = None
+
+
+__all__ = ["FORMAT_VERSION", "OK", "FAILED", "STARTED", "MAX_RECORD", "JobRecord", "JournalInfo", "RecordTooLarge",
+           "encode_record", "encode_failure", "encode_batch", "header_line", "parse_header", "journal_code",
+           "journals_in", "JournalWriter"]
