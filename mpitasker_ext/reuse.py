@@ -2,8 +2,8 @@
 
 A job is what it computes: its identity is (code fingerprint, argument digest), never its position. Rank 0 finds
 every finished result whose argument appears anywhere in the grid and computes each missing argument once; the
-end of the run is ``finish``'s. No MPI here (the same rules serve the serial path), and no result is unpickled
-here: scans read headers and checksums only.
+end of the run is ``finish``'s. No MPI here (the same rules serve the serial path), and no stored result is
+unpickled here: scans read headers and checksums only (a plain output being adopted is the one pickle read).
 """
 
 import collections.abc
