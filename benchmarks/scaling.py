@@ -38,7 +38,9 @@ MANY_RANKS = """
 
 RESTART = """
     import os, sys, time
-    from mpitasker_ext import cache, scheduler
+    from mpitasker_ext import cache
+    from mpitasker_ext.reuse import prepare
+    from mpitasker_ext.sweep import Sweep
     N = int(sys.argv[1])
     run = cache.RunCache('restart.pkl')
     run.create()
@@ -47,9 +49,9 @@ RESTART = """
         journals[i % 3].append(i, True, cache.args_digest(i), 0.0, cache.dumps(i))
     for j in journals:
         j.close()
-    sweep = scheduler.Sweep(lambda x: x, list(range(N)), 'restart.pkl')
+    sweep = Sweep(lambda x: x, list(range(N)), 'restart.pkl')
     t = time.perf_counter()
-    prepared = scheduler.prepare(sweep)
+    prepared = prepare(sweep)
     scan = time.perf_counter() - t
     prepared.cache.release_lock()
     size = sum(os.path.getsize(p) for p in run.journal_paths())

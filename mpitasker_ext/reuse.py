@@ -16,8 +16,9 @@ from dataclasses import dataclass
 from . import cache as cachemod
 from . import store as storemod
 from .errors import CacheError, CodeChanged
-from .execution import execute_job, short_repr
+from .execution import execute_job, failure_place, failure_report, short_repr
 from .identity import args_digests
+from .status import ERROR, FAILED, FINISHED
 from .sweep import Outcome
 
 log = logging.getLogger(__name__)
@@ -329,7 +330,7 @@ def finish(sweep, prepared, ledger):
     locations = GridLocations(digests, [new, before], prepared.repeats)
     missing = locations.freeze()
     if missing:
-        ledger.maybe_write("failed", force=True)
+        ledger.maybe_write(FAILED, force=True)
         cache.release_lock()
         failures = {**before.failed, **new.failed}
         failed = {i: failures[digests[i]].failure() for i in missing if digests[i] in failures}
@@ -347,13 +348,13 @@ def finish(sweep, prepared, ledger):
     try:
         if not prepared.unchanged:
             _write_output(sweep, prepared, locations)
-        _keep_results(sweep, prepared, locations, grid, ledger.status("finished"))
+        _keep_results(sweep, prepared, locations, grid, ledger.status(FINISHED).to_json())
     except _Unloadable as bad:
-        ledger.maybe_write("failed", force=True)
+        ledger.maybe_write(FAILED, force=True)
         cache.release_lock()
         return _failure_outcome(cache, {bad.index: bad.failure}, n)
     except OSError as exc:
-        ledger.maybe_write("error", force=True)
+        ledger.maybe_write(ERROR, force=True)
         cache.release_lock()
         return Outcome.from_exception(disk_error(cache, "write the output of", exc))
     try:
@@ -363,7 +364,7 @@ def finish(sweep, prepared, ledger):
                     cache.output, cache.run_dir, exc)
     finally:
         cache.release_lock()                     # after the removal: nobody may start in a directory we delete
-    ledger.notify_final("finished")
+    ledger.notify_final(FINISHED)
     return Outcome(ok=True, total=n)
 
 
@@ -470,9 +471,10 @@ def _failure_outcome(cache, failed, n):
     first = failed[indices[0]]
     shown = ", ".join(map(str, indices[:50])) + (" ..." if len(indices) > 50 else "")
     message = (f"{len(indices)} of {n} jobs failed: indices {shown}\n"
-               f"First failure, job {indices[0]} with argument {first['arg']}: {first['error']}\n"
+               f"First failure, job {indices[0]}{failure_place(first, ' (%s)')} with argument {first['arg']}: "
+               f"{first['error']}\n"
                f"{first['traceback']}"
                f"The {n - len(indices)} finished jobs are cached in {cache.run_dir}; fix the cause and rerun to "
                "compute only the failed jobs (or pass retries=N to try them again in the same run).")
-    failures = {i: failed[i]["traceback"] or failed[i]["error"] for i in indices[:1000]}
+    failures = {i: failure_report(failed[i]) for i in indices[:1000]}
     return Outcome(error_type="JobsFailed", message=message, failures=failures, total=n)

@@ -7,8 +7,9 @@ import os
 import sys
 
 from .errors import MPITaskerError, UsageError
-from .scheduler import Sweep, run_mpi, run_serial
+from .scheduler import run_mpi, run_serial
 from .store import Results
+from .sweep import Sweep
 
 log = logging.getLogger(__name__)
 
