@@ -471,7 +471,7 @@ def _failure_outcome(cache, failed, n):
     first = failed[indices[0]]
     shown = ", ".join(map(str, indices[:50])) + (" ..." if len(indices) > 50 else "")
     message = (f"{len(indices)} of {n} jobs failed: indices {shown}\n"
-               f"First failure, job {indices[0]}{failure_place(first, ' (%s)')} with argument {first['arg']}: "
+               f"First failure, job {indices[0]} with argument {first['arg']}{failure_place(first, ' (%s)')}: "
                f"{first['error']}\n"
                f"{first['traceback']}"
                f"The {n - len(indices)} finished jobs are cached in {cache.run_dir}; fix the cause and rerun to "
