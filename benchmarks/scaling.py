@@ -38,10 +38,11 @@ MANY_RANKS = """
 
 RESTART = """
     import os, sys, time
-    from mpitasker_ext import scheduler
     from mpitasker_ext.identity import args_digest
     from mpitasker_ext.payload import encode_value
+    from mpitasker_ext.reuse import prepare
     from mpitasker_ext.rundir import RunDir
+    from mpitasker_ext.sweep import Sweep
     N = int(sys.argv[1])
     run = RunDir('restart.pkl')
     run.create()
@@ -50,9 +51,9 @@ RESTART = """
         journals[i % 3].append_value(i, args_digest(i), 0.0, encode_value(i))
     for j in journals:
         j.close()
-    sweep = scheduler.Sweep(lambda x: x, list(range(N)), 'restart.pkl')
+    sweep = Sweep(lambda x: x, list(range(N)), 'restart.pkl')
     t = time.perf_counter()
-    prepared = scheduler.prepare(sweep)
+    prepared = prepare(sweep)
     scan = time.perf_counter() - t
     prepared.run.release_lock()
     size = sum(os.path.getsize(p) for p in run.journal_paths())

@@ -194,7 +194,8 @@ def run_task(payload, token=0):
     import cloudpickle
     from mpi4py import MPI
 
-    from .scheduler import Sweep, run_mpi
+    from .scheduler import run_mpi
+    from .sweep import Sweep
 
     rank = MPI.COMM_WORLD.Get_rank()
     old_cwd, old_path = os.getcwd(), list(sys.path)

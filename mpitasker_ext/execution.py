@@ -1,4 +1,5 @@
-"""Running one job on any rank: its result encoded for the store, or a failure record that says what went wrong.
+"""Running one job on any rank: its result encoded for the store, or a failure record that says what went wrong
+and where (rank and host, as mpi4py tags a remote traceback).
 
 Whatever a job raises is its own failure, ``SystemExit`` included; only ``KeyboardInterrupt`` (the user stopping
 the run) passes through. Describing a failure never fails.
@@ -7,6 +8,7 @@ the run) passes through. Describing a failure never fails.
 import contextlib
 import logging
 import signal
+import socket
 import threading
 import time
 import traceback
@@ -15,10 +17,10 @@ from . import journal as journalmod
 from .identity import args_digest
 from .journal import RecordTooLarge, encode_failure
 from .payload import encode_value
+from .status import MAX_TRACEBACK, Failure, job_place
 
 log = logging.getLogger(__name__)
 
-MAX_TRACEBACK = 4000  # shown in the status file and reports
 MAX_TRACEBACK_STORED = 64_000  # kept in a failure record
 _timeout_warned = []
 
@@ -65,8 +67,9 @@ def safe_str(value):
         return f"<{type(value).__name__}.__str__ raised {type(exc).__name__}>"
 
 
-def describe_failure(index, arg, exc, skip_frames):
-    """The failure record of a job: a plain dict (error line, traceback text) that never unpickles anything."""
+def describe_failure(index, arg, exc, skip_frames, rank=0):
+    """The failure record of a job: a plain dict (error line, traceback text, the rank and host it ran on) that
+    never unpickles anything."""
     tb = exc.__traceback__
     for _ in range(skip_frames):
         tb = tb.tb_next if tb is not None and tb.tb_next is not None else tb
@@ -81,7 +84,23 @@ def describe_failure(index, arg, exc, skip_frames):
         raise
     except BaseException as fmt_exc:  # noqa: BLE001 - the error line above still describes the failure
         text = f"{error}\n(the traceback could not be formatted: {type(fmt_exc).__name__})\n"
-    return {"index": index, "arg": short_repr(arg), "error": error, "traceback": text[-MAX_TRACEBACK_STORED:]}
+    return {"index": index, "arg": short_repr(arg), "error": error, "traceback": text[-MAX_TRACEBACK_STORED:],
+            "rank": rank, "host": socket.gethostname()}
+
+
+def failure_place(failure, form="%s"):
+    """Where a failure record says its job ran, put in ``form`` ("rank 2 on node7"); '' for a record written
+    before records said so."""
+    place = job_place(failure.get("rank"), failure.get("host"))
+    return form % place if place else ""
+
+
+def failure_report(failure):
+    """A failure record as ``JobsFailed.failures`` holds it: the traceback (or the error line), then where the
+    job ran, the way mpi4py tags a traceback from another rank."""
+    text = failure["traceback"] or failure["error"]
+    place = failure_place(failure, "(the job ran on %s)\n")
+    return text.rstrip("\n") + "\n" + place if place else text
 
 
 def short_repr(value, limit=200):
@@ -94,8 +113,9 @@ def short_repr(value, limit=200):
     return text if len(text) <= limit else text[:limit] + "..."
 
 
-def execute_job(fn, index, arg, timeout=None):
-    """Run one job; return (encoded result or None, failure dict or None, seconds).
+def execute_job(fn, index, arg, timeout=None, rank=0):
+    """Run one job on ``rank`` (rank 0 runs jobs in a serial run, and again when a stored result no longer
+    loads); return (encoded result or None, failure dict or None, seconds).
 
     Whatever the job raises becomes its failure record, ``SystemExit`` included (a job calling ``sys.exit``
     must not take its rank out of the run). Only ``KeyboardInterrupt`` passes: that is the user stopping the run.
@@ -107,11 +127,11 @@ def execute_job(fn, index, arg, timeout=None):
     except KeyboardInterrupt:
         raise
     except BaseException as exc:  # noqa: BLE001 - whatever the job raises becomes its failure record
-        return None, describe_failure(index, arg, exc, skip_frames=1), time.perf_counter() - start
+        return None, describe_failure(index, arg, exc, skip_frames=1, rank=rank), time.perf_counter() - start
     if timeout and time.perf_counter() - start > timeout:     # it swallowed the stop and finished late
         late = JobTimedOut(f"the job ran longer than timeout={timeout:g} s (it caught the stop and returned "
                            f"after {time.perf_counter() - start:.1f} s)")
-        return None, describe_failure(index, arg, late, skip_frames=0), time.perf_counter() - start
+        return None, describe_failure(index, arg, late, skip_frames=0, rank=rank), time.perf_counter() - start
     try:
         encoded = encode_value(value)
     except KeyboardInterrupt:
@@ -119,28 +139,30 @@ def execute_job(fn, index, arg, timeout=None):
     except BaseException as exc:  # noqa: BLE001 - pickling a user object can raise any type
         wrapped = TypeError(f"the result of type {type(value).__name__} cannot be pickled ({safe_str(exc)}); "
                             "return plain data (numbers, arrays, dicts) from the job")
-        return None, describe_failure(index, arg, wrapped, skip_frames=0), time.perf_counter() - start
+        return None, describe_failure(index, arg, wrapped, skip_frames=0, rank=rank), time.perf_counter() - start
     if encoded.size > journalmod.MAX_RECORD - 64:
         too_large = RecordTooLarge(encoded.size)
-        return None, describe_failure(index, arg, too_large, skip_frames=0), time.perf_counter() - start
+        return None, describe_failure(index, arg, too_large, skip_frames=0, rank=rank), time.perf_counter() - start
     return encoded, None, time.perf_counter() - start
 
 
 def run_batch(sweep, indices, journal, rank):
-    """Run a batch and journal each job as it ends; return (ok count, failures {index: error line}, seconds)."""
+    """Run a batch and journal each job as it ends; return (ok count, failures {index: status.Failure} with
+    tracebacks cut for the status file, seconds)."""
     args, fn = sweep.args, sweep.fn
     start = time.perf_counter()
     ok_count, failures = 0, {}
     journal.start_batch(indices)
     for index in indices:
         arg = args[index]
-        encoded, failure, seconds = execute_job(fn, index, arg, sweep.timeout)
+        encoded, failure, seconds = execute_job(fn, index, arg, sweep.timeout, rank)
         if failure is None:
             journal.append_value(index, args_digest(arg), seconds, encoded)
             ok_count += 1
         else:
             journal.append(index, False, args_digest(arg), seconds, encode_failure(failure))
-            failures[index] = (failure["error"], failure["traceback"][-MAX_TRACEBACK:])
+            failures[index] = Failure(index, failure["error"], failure["traceback"][-MAX_TRACEBACK:], rank,
+                                      failure["host"])
         if sweep.verbose:
             log.info("rank %d: job %d %s in %.3f s", rank, index, "done" if failure is None else "FAILED", seconds)
     return ok_count, failures, time.perf_counter() - start

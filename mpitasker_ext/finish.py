@@ -9,12 +9,13 @@ import collections.abc
 import logging
 import os
 
-from .execution import execute_job, short_repr
+from .execution import execute_job, failure_place, failure_report, short_repr
 from .identity import args_digest
 from .payload import OpenJournals, decode_payload
 from .results import write_output
 from .reuse import disk_error, grid_identity
 from .scan import Location, scan_journals
+from .status import ERROR, FAILED, FINISHED
 from .store import set_aside
 from .sweep import Outcome
 
@@ -92,7 +93,7 @@ def finish(sweep, prepared, ledger):
     locations = GridLocations(digests, [new, before], prepared.repeats)
     missing = locations.freeze()
     if missing:
-        ledger.maybe_write("failed", force=True)
+        ledger.maybe_write(FAILED, force=True)
         run.release_lock()
         failures = {**before.failed, **new.failed}
         failed = {i: failures[digests[i]].failure() for i in missing if digests[i] in failures}
@@ -110,13 +111,13 @@ def finish(sweep, prepared, ledger):
     try:
         if not prepared.unchanged:
             _write_output(sweep, prepared, locations)
-        _keep_results(sweep, prepared, locations, grid, ledger.status("finished"))
+        _keep_results(sweep, prepared, locations, grid, ledger.status(FINISHED).to_json())
     except _Unloadable as bad:
-        ledger.maybe_write("failed", force=True)
+        ledger.maybe_write(FAILED, force=True)
         run.release_lock()
         return _failure_outcome(run, {bad.index: bad.failure}, n)
     except OSError as exc:
-        ledger.maybe_write("error", force=True)
+        ledger.maybe_write(ERROR, force=True)
         run.release_lock()
         return Outcome.from_exception(disk_error(run, "write the output of", exc))
     try:
@@ -126,7 +127,7 @@ def finish(sweep, prepared, ledger):
                     run.output, run.run_dir, exc)
     finally:
         run.release_lock()                     # after the removal: nobody may start in a directory we delete
-    ledger.notify_final("finished")
+    ledger.notify_final(FINISHED)
     return Outcome(ok=True, total=n)
 
 
@@ -233,9 +234,10 @@ def _failure_outcome(run, failed, n):
     first = failed[indices[0]]
     shown = ", ".join(map(str, indices[:50])) + (" ..." if len(indices) > 50 else "")
     message = (f"{len(indices)} of {n} jobs failed: indices {shown}\n"
-               f"First failure, job {indices[0]} with argument {first['arg']}: {first['error']}\n"
+               f"First failure, job {indices[0]} with argument {first['arg']}{failure_place(first, ' (%s)')}: "
+               f"{first['error']}\n"
                f"{first['traceback']}"
                f"The {n - len(indices)} finished jobs are cached in {run.run_dir}; fix the cause and rerun to "
                "compute only the failed jobs (or pass retries=N to try them again in the same run).")
-    failures = {i: failed[i]["traceback"] or failed[i]["error"] for i in indices[:1000]}
+    failures = {i: failure_report(failed[i]) for i in indices[:1000]}
     return Outcome(error_type="JobsFailed", message=message, failures=failures, total=n)

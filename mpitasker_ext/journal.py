@@ -63,7 +63,7 @@ class JobRecord:
             info = None
         if (isinstance(info, dict) and type(info.get("index")) is int and info["index"] == self.index
                 and all(isinstance(info.get(key), str) for key in FAILURE_FIELDS[1:])):
-            return {key: info[key] for key in FAILURE_FIELDS}
+            return {**{key: info[key] for key in FAILURE_FIELDS}, **_failure_place(info)}
         return {"index": self.index, "arg": "?", "error": UNREADABLE_FAILURE, "traceback": ""}
 
     def batch(self):
@@ -100,9 +100,20 @@ def encode_record(index, kind, digest, seconds, payload):
 
 
 def encode_failure(info):
-    """A failed record's payload: UTF-8 JSON of index, arg (short repr), error line and traceback."""
+    """A failed record's payload: UTF-8 JSON of index, arg (short repr), error line, traceback, and the rank and
+    host the job ran on."""
     record = {"index": int(info["index"]), **{key: str(info.get(key, "")) for key in FAILURE_FIELDS[1:]}}
-    return json.dumps(record).encode("utf-8")
+    return json.dumps({**record, **_failure_place(info)}).encode("utf-8")
+
+
+def _failure_place(info):
+    """The record's ``rank`` (an int) and ``host`` (text), those it has: older records have neither."""
+    place = {}
+    if type(info.get("rank")) is int:
+        place["rank"] = info["rank"]
+    if isinstance(info.get("host"), str):
+        place["host"] = info["host"]
+    return place
 
 
 def encode_batch(indices):

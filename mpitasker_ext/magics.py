@@ -189,7 +189,8 @@ class MPIMapMagics(Magics):
     def _run_here(self, plan):
         from concurrent.futures import ThreadPoolExecutor
 
-        from .scheduler import Sweep, run_serial
+        from .scheduler import run_serial
+        from .sweep import Sweep
 
         view = self._view(plan)
         sweep = Sweep(plan.job.function(), plan.args, plan.output, fingerprint=plan.job.fingerprint,

@@ -1,14 +1,14 @@
 """The status model of a run, read from its ``.mpi`` directory only: no MPI, no kernel, any process.
 
 Every view (widget, text line, CLI, server page) renders this one model. A refresh reads the status file rank 0
-rewrites (its size depends on the ranks, not the jobs); only when that writer is gone are the journals counted,
-and that count is cached until a journal changes.
+rewrites (its size depends on the ranks, not the jobs; its format is ``status``'s); only when that writer is gone
+are the journals counted, and that count is cached until a journal changes.
 
 Nothing here unpickles, and every field read from a file is type-checked: anyone who can write under a shared
 project directory can plant a run there, and reading it must neither run their code nor pass their markup on.
 """
 
-import math
+import dataclasses
 import os
 import time
 from dataclasses import asdict, dataclass, field
@@ -16,33 +16,16 @@ from dataclasses import asdict, dataclass, field
 from .lock import writer_alive
 from .rundir import META_SUFFIX, RUN_SUFFIX, RunDir
 from .scan import scan_journals
+from .status import FINISHED, MISSING, RUNNING, SHOWN_FAILURES, STALE, Failure, RunStatus, int_field
 
 STALE_AFTER = 10.0  # seconds without a heartbeat (status or lock, each every 2 s) before a remote writer is gone
-
-RUNNING, FINISHED, FAILED, STALE, INTERRUPTED, MISSING = (
-    "running", "finished", "failed", "stale", "interrupted", "missing")
-
-
-@dataclass
-class RankState:
-    rank: int
-    current: int | None = None
-    batch: int = 0
-    done: int = 0
-    failed: int = 0
-
-
-@dataclass
-class Failure:
-    index: int
-    error: str
-    traceback: str = ""
 
 
 @dataclass
 class Progress:
-    """One snapshot of a run. ``state``: running, finished, failed, stale (its writer is gone), interrupted,
-    or missing (nothing there)."""
+    """One snapshot of a run. ``state`` is one of ``status.STATES``: running, finished, failed, error,
+    interrupted, stale (its writer is gone) or missing (nothing there). ``ranks`` holds ``status.RankState``,
+    ``failures`` ``status.Failure``."""
 
     output: str
     state: str
@@ -80,84 +63,33 @@ class Progress:
 
 
 def from_status(status, now=None):
-    """The model of a status dict as rank 0 writes it (also used live, by rank 0's own text view). A field of
-    the wrong type reads as missing: the file may be planted, and this must never raise or pass it on."""
+    """The model of a ``status.RunStatus``: rank 0's own (its live text view) or a status file's JSON object,
+    which is read through ``RunStatus.from_json`` (every field type-checked: the file may be planted, and this
+    must never raise or pass it on)."""
     now = time.time() if now is None else now
-    status = status if isinstance(status, dict) else {}
-    state = _text(status, "state") or RUNNING
-    started, updated = _number(status, "started", None), _number(status, "updated", None)
-    end = now if state == RUNNING else updated
+    if not isinstance(status, RunStatus):
+        status = RunStatus.from_json(status)
+    started, updated = status.started, status.updated
+    end = now if status.state == RUNNING else updated
     elapsed = max(end - started, 0.0) if started and end is not None else 0.0
     progress = Progress(
-        output=_text(status, "output"), state=state, total=_int(status, "total"), done=_int(status, "done"),
-        cached=_int(status, "cached"), computed=_int(status, "computed"), running=_int(status, "running"),
-        failed=_int(status, "failed"), pending=_int(status, "pending"), rate=_number(status, "rate", 0.0),
-        elapsed=elapsed, started=started, updated=updated, host=_text(status, "host"), pid=_int(status, "pid", None),
-        ranks=_ranks(status.get("ranks")), failures=_failures(status.get("failures")))
+        output=status.output, state=status.state, total=status.total, done=status.done, cached=status.cached,
+        computed=status.computed, running=status.running, failed=status.failed, pending=status.pending,
+        rate=status.rate, elapsed=elapsed, started=started, updated=updated, host=status.host, pid=status.pid,
+        ranks=list(status.ranks), failures=list(status.failures))
     remaining = progress.total - progress.done - progress.failed
     if progress.state == RUNNING and progress.rate > 0 and remaining > 0:
         progress.eta = remaining / progress.rate
     return progress
 
 
-def _int(data, key, default=0):
-    value = data.get(key)
-    return value if type(value) is int else default       # not bool, not a string that looks like a number
-
-
-def _number(data, key, default):
-    value = data.get(key)
-    if type(value) not in (int, float):
-        return default
-    try:
-        value = float(value)
-    except OverflowError:
-        return default
-    return value if math.isfinite(value) else default      # NaN or Infinity would not survive the JSON API
-
-
-def _text(data, key, default=""):
-    value = data.get(key)
-    return value if isinstance(value, str) else default
-
-
-def _ranks(ranks):
-    """``{"<rank>": {"current": [first, length] or None, "done", "failed"}}``; malformed entries are dropped."""
-    if not isinstance(ranks, dict):
-        return []
-    found = []
-    for key, info in ranks.items():
-        if not (isinstance(key, str) and key.isascii() and key.isdigit() and len(key) < 10 and isinstance(info, dict)):
-            continue
-        current = info.get("current")
-        if not (isinstance(current, list) and len(current) == 2 and all(type(v) is int for v in current)):
-            current = None
-        found.append(RankState(int(key), current[0] if current else None, current[1] if current else 0,
-                               _int(info, "done"), _int(info, "failed")))
-    return sorted(found, key=lambda r: r.rank)
-
-
-def _failures(failures):
-    """``[{"index", "error", "traceback"}]``; an entry without an int index or with non-text fields is dropped."""
-    if not isinstance(failures, list):
-        return []
-    found = []
-    for f in failures:
-        if isinstance(f, dict) and type(f.get("index")) is int:
-            error, text = f.get("error", ""), f.get("traceback", "")
-            if isinstance(error, str) and isinstance(text, str):
-                found.append(Failure(f["index"], error, text))
-    return found
-
-
 def _writer_gone(run, status, now):
     """Rank 0 writes no status while it prepares, finishes or runs one long serial job, but its lock's heartbeat
     goes on: the newest of the two is its sign of life (the pid decides on the writer's own host)."""
-    pid, host = status.get("pid"), status.get("host")
     lock = run.read_lock()
-    start = lock.start if lock is not None and (lock.pid, lock.host) == (pid, host) else None
-    beats = [t for t in (status.get("updated"), lock and lock.mtime) if isinstance(t, (int, float))]
-    return not writer_alive(pid, host, start, max(beats, default=None), STALE_AFTER, now)
+    start = lock.start if lock is not None and (lock.pid, lock.host) == (status.pid, status.host) else None
+    beats = [t for t in (status.updated, lock and lock.mtime) if isinstance(t, (int, float))]
+    return not writer_alive(status.pid, status.host, start, max(beats, default=None), STALE_AFTER, now)
 
 
 class _RecordCount:
@@ -196,9 +128,10 @@ def read_progress(path, now=None):
         if os.path.exists(output):
             return _finished(output)
         return Progress(output, MISSING, note=f"no run at {output} (neither the output nor {run.run_dir})")
-    status = run.read_status()
-    if status is None:
+    data = run.read_status()
+    if data is None:
         return _from_records(run, None, now, "no status file yet")
+    status = RunStatus.from_json(data)
     progress = from_status(status, now)
     progress.output = output
     if progress.state == RUNNING and _writer_gone(run, status, now):
@@ -212,22 +145,29 @@ def _from_records(run, status, now, note):
     done, failed = _counts.setdefault(run.run_dir, _RecordCount()).get(run)
     manifest = run.read_manifest() or {}
     progress = from_status(status, now) if status else Progress(run.output, STALE)
-    total = progress.total or _int(manifest, "njobs") or done + len(failed)
+    total = progress.total or int_field(manifest, "njobs") or done + len(failed)
     progress.output, progress.total, progress.note = run.output, total, note
     progress.done, progress.failed, progress.running = done, len(failed), 0
     progress.computed = max(progress.done - progress.cached, 0)
     progress.pending = max(total - progress.done - progress.failed, 0)
     progress.state, progress.eta = STALE, None
-    progress.ranks = [RankState(r.rank, None, 0, r.done, r.failed) for r in progress.ranks]
+    progress.ranks = [_idle(r) for r in progress.ranks]
     if not progress.failures:
-        progress.failures = [_failure_of(rec) for rec in sorted(failed.values(), key=lambda r: r.index)[:20]]
+        shown = sorted(failed.values(), key=lambda r: r.index)[:SHOWN_FAILURES]
+        progress.failures = [_failure_of(rec) for rec in shown]
     return progress
 
 
+def _idle(rank):
+    """A rank's line once nothing runs any more: its counts stay."""
+    return dataclasses.replace(rank, current=None, batch=0)
+
+
 def _failure_of(rec):
-    """JSON, never a pickle (journal.JobRecord.failure); a damaged record still shows up as a failure."""
+    """JSON, never a pickle (journal.JobRecord.failure); a damaged record still shows up as a failure, and one
+    written before records said where the job ran shows no place."""
     info = rec.failure()
-    return Failure(rec.index, info["error"], info["traceback"])
+    return Failure(rec.index, info["error"], info["traceback"], info.get("rank"), info.get("host", ""))
 
 
 def _finished(output):
@@ -235,10 +175,10 @@ def _finished(output):
     meta = RunDir(output).read_meta() or {}
     total = _finished_total(meta)
     status = meta.get("status")
-    if isinstance(status, dict) and total is not None and _int(status, "total", None) == total:
-        progress = from_status(dict(status, state=FINISHED))
+    if isinstance(status, dict) and total is not None and int_field(status, "total", None) == total:
+        progress = from_status(dataclasses.replace(RunStatus.from_json(status), state=FINISHED))
         progress.output, progress.running, progress.eta = output, 0, None
-        progress.ranks = [RankState(r.rank, None, 0, r.done, r.failed) for r in progress.ranks]
+        progress.ranks = [_idle(r) for r in progress.ranks]
         return progress
     if total is None:
         return Progress(output, FINISHED, note="output written; its job count is unknown (no job count in "
@@ -249,7 +189,7 @@ def _finished(output):
 def _finished_total(meta):
     """The job count the run recorded beside its output, or None. The output itself is never opened: it is a
     pickle, and loading a planted one would run its author's code in this reader."""
-    return _int(meta, "njobs", None)
+    return int_field(meta, "njobs", None)
 
 
 def find_runs(root, max_depth=6):
@@ -308,5 +248,5 @@ def render_text(p):
             current = "-" if r.current is None else (f"{r.current}" + (f" (+{r.batch - 1})" if r.batch > 1 else ""))
             lines.append(f"  {r.rank:>4}  {current:>11}  {r.done:>4}  {r.failed:>6}")
     for f in p.failures:
-        lines.append(f"  failed job {f.index}: {f.error}")
+        lines.append(f"  failed job {f.index}" + (f" ({f.place})" if f.place else "") + f": {f.error}")
     return "\n".join(lines)

@@ -25,7 +25,7 @@ class Sweep:
     function_name: str = ""
     timeout: float | None = None  # seconds a job may run before it is stopped and recorded as failed
     prune: bool = False  # after success, drop stored results whose argument is not in this grid
-    monitor: object = None  # called on rank 0 with each status dict written (a text progress view, say)
+    monitor: object = None  # called on rank 0 with each status.RunStatus written (a text progress view, say)
 
     def __post_init__(self):
         if self.on_code_change not in CODE_CHANGE_POLICIES:

@@ -8,7 +8,8 @@ import sys
 
 from .errors import MPITaskerError, UsageError
 from .results import Results
-from .scheduler import Sweep, run_mpi, run_serial
+from .scheduler import run_mpi, run_serial
+from .sweep import Sweep
 
 log = logging.getLogger(__name__)
 

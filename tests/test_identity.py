@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 
 from conftest import REPO
-from mpitasker_ext import CodeChanged, closure, identity
+from mpitasker_ext import CodeChanged, closure, fingerprint, identity
 from mpitasker_ext.errors import UsageError
 from mpitasker_ext.identity import args_digests
 
@@ -146,10 +146,10 @@ def test_values_a_job_can_tell_apart_have_different_digests():
 
 
 def test_fast_paths_give_the_general_encoding():
-    from mpitasker_ext.identity import _Encoder
+    from mpitasker_ext.fingerprint import ArgumentEncoder
     for value in [0, -5, 2 ** 63, -(2 ** 80), "", "héllo\ud800", 1.5, -0.0, (1, "a", 2.5, None, True), ("x",), (),
                   [1, 2, 3], {"a": 1, "b": 2.0}, {3, 4}]:
-        encoder = _Encoder()
+        encoder = ArgumentEncoder()
         encoder.encode(value)
         assert identity.args_digest(value) == encoder.digest(), value
 
@@ -194,7 +194,6 @@ def test_editing_the_class_of_an_argument_changes_its_digest():
 
 
 def test_args_digests_hashes_a_class_once_per_call_and_agrees_with_args_digest(monkeypatch):
-    from mpitasker_ext import identity
     space = _defined_in_main(textwrap.dedent(MODEL) + textwrap.dedent("""
         def build(k):
             return Model(k)
@@ -209,8 +208,8 @@ def test_args_digests_hashes_a_class_once_per_call_and_agrees_with_args_digest(m
     assert args_digests(args) == [identity.args_digest(arg) for arg in args]  # rank 0 and the workers agree
 
     counted = []
-    real = identity._code_digest
-    monkeypatch.setattr(identity, "_code_digest", lambda obj, shared: counted.append(obj) or real(obj, shared))
+    real = fingerprint.code_digest
+    monkeypatch.setattr(fingerprint, "code_digest", lambda obj, shared: counted.append(obj) or real(obj, shared))
     many = [model(i) for i in range(1000)]
     before = args_digests(many)
     assert counted.count(model) == 1
@@ -242,7 +241,7 @@ def test_a_user_module_counts_by_its_source_and_the_attributes_code_reads(tmp_pa
     assert fp(uses) == first
 
     source.unlink()
-    with caplog.at_level(logging.DEBUG, logger="mpitasker_ext.identity"):
+    with caplog.at_level(logging.DEBUG, logger="mpitasker_ext.fingerprint"):
         assert fp(uses) != first  # only the name is left to count
     assert name in caplog.text
     assert fp(os) == fp(os)  # a library module: by name
@@ -398,7 +397,7 @@ def test_pickling_an_instance_does_not_change_its_class_fingerprint():
 def test_an_unencodable_capture_counts_by_its_type(caplog):
     def make(lock):
         return lambda v: (lock, v)
-    with caplog.at_level(logging.DEBUG, logger="mpitasker_ext.identity"):
+    with caplog.at_level(logging.DEBUG, logger="mpitasker_ext.fingerprint"):
         assert identity.code_fingerprint(make(threading.Lock())) == identity.code_fingerprint(make(threading.Lock()))
     assert "_thread.lock" in caplog.text
 

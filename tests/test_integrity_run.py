@@ -12,8 +12,8 @@ from conftest import unloadable_payload
 from mpitasker_ext import JobsFailed, mpimap
 from mpitasker_ext.errors import CodeChanged
 from mpitasker_ext.results import Results
-from mpitasker_ext.scheduler import Sweep
 from mpitasker_ext.scheduler import run_serial as _run_serial
+from mpitasker_ext.sweep import Sweep
 
 
 def run_serial(sweep):

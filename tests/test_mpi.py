@@ -5,7 +5,9 @@ import json
 import os
 import pickle
 import random
+import re
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -119,6 +121,58 @@ def test_failing_jobs_are_listed_and_rerun_alone(runner):
     runner.run("job.py", 4)
     assert sorted(runner.executions()[60:]) == [3, 13, 23, 33, 43, 53]
     assert [r for (_, _, r) in load_output(runner.path("out.pkl"))] == [-x for x in range(60)]
+
+
+WHERE_JOB = """
+    import json, socket, time
+    from mpi4py import MPI
+    from mpitasker_ext import Tasker, JobsFailed
+    def work(x):
+        time.sleep(0.01)                             # so both workers take jobs
+        if x % 4 == 1:
+            raise ValueError(f'job {x} saw rank {MPI.COMM_WORLD.rank} host {socket.gethostname()}')
+        return x
+    with Tasker(chunksize=1) as tsk:
+        try:
+            tsk.map('out.pkl', work, range(40))
+        except JobsFailed as exc:
+            if tsk.rank == 0:
+                print('FAILURES', json.dumps(exc.failures), flush=True)
+                print('MESSAGE', json.dumps(str(exc)), flush=True)
+            raise
+"""
+
+
+def test_a_failed_job_names_the_rank_and_host_it_ran_on(runner):
+    from mpitasker_ext import progress as pm
+    from mpitasker_ext import rundir
+
+    runner.write("job.py", WHERE_JOB)
+    proc = runner.run("job.py", 3, check=False)
+    assert proc.returncode != 0
+    lines = {line.split(" ", 1)[0]: json.loads(line.split(" ", 1)[1]) for line in proc.stdout.splitlines()
+             if line.startswith(("FAILURES ", "MESSAGE "))}
+    failures, message = {int(i): text for i, text in lines["FAILURES"].items()}, lines["MESSAGE"]
+    host = socket.gethostname()
+    seen = {}                                        # job index -> the rank the job itself saw
+    for index, text in failures.items():
+        rank = int(re.search(rf"ValueError: job {index} saw rank (\d+) host ", text).group(1))
+        seen[index] = rank
+        assert text.endswith(f"(the job ran on rank {rank} on {host})\n")
+    assert sorted(seen) == list(range(1, 40, 4)) and set(seen.values()) == {1, 2}
+    assert f"First failure, job 1 with argument 1 (rank {seen[1]} on {host}): ValueError" in message
+
+    records = [r for r in rundir.RunDir(runner.path("out.pkl")).read_records() if not r.ok]
+    assert {r.index: (r.failure()["rank"], r.failure()["host"]) for r in records} == \
+        {index: (rank, host) for index, rank in seen.items()}
+    with open(runner.path("out.pkl.mpi", rundir.STATUS)) as f:
+        status = json.load(f)
+    assert {f["index"]: (f["rank"], f["host"]) for f in status["failures"]} == \
+        {index: (rank, host) for index, rank in seen.items()}
+    shown = pm.read_progress(runner.path("out.pkl"))
+    assert shown.state == "failed" and [(f.index, f.rank, f.host) for f in shown.failures] == \
+        [(index, seen[index], host) for index in sorted(seen)]
+    assert f"failed job 5 (rank {seen[5]} on {host}): ValueError: job 5 saw" in pm.render_text(shown)
 
 
 def test_resume_after_kill_9_of_mpiexec_redoes_no_finished_job(runner):

@@ -3,6 +3,7 @@
 import io
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -10,7 +11,9 @@ import time
 import pytest
 
 from conftest import REPO
+from mpitasker_ext import identity, journal, rundir
 from mpitasker_ext import progress as pm
+from mpitasker_ext import status as sm
 from mpitasker_ext.widget import ProgressWidget, TextProgress
 
 PAUSING_JOB = """
@@ -63,6 +66,7 @@ def test_model_counts_at_a_paused_moment_and_at_the_end(runner):
     final = pm.read_progress(out)
     assert final.state == "failed" and final.done == 59 and final.failed == 1 and final.running == 0
     assert final.failures[0].index == 45 and "job 45 is bad" in final.failures[0].traceback
+    assert final.failures[0].rank in (1, 2) and final.failures[0].host == socket.gethostname()
     assert "out.pkl: failed | 59/60 done | 1 failed" in err
     os.remove(runner.path("go"))
 
@@ -117,6 +121,53 @@ def test_text_rendering():
     assert "failed job 7: ValueError: bad 7" in text
     done = pm.from_status(sample_status(state="failed"), now=5000.0)
     assert pm.summary_line(done) == "sweep.pkl: failed | 40/100 done (10 cached) | 2 failed | took 0:00:10"
+
+
+def test_the_status_file_has_one_format_written_and_read_by_the_status_module():
+    status = sm.RunStatus.from_json(sample_status())
+    assert status.ranks[1] == sm.RankState(2, 50, 4, 20, 1) and status.failures[0].rank is None
+    assert sm.RunStatus.from_json(status.to_json()) == status
+    written = status.to_json()
+    assert list(written) == ["format", "state", "output", "total", "done", "cached", "computed", "failed", "running",
+                             "pending", "rate", "started", "updated", "host", "pid", "workers", "ranks", "failures"]
+    assert written["ranks"] == sample_status()["ranks"]
+    assert written["failures"] == [dict(sample_status()["failures"][0], rank=None, host="")]
+    with pytest.raises(ValueError):
+        sm.RunStatus("done")                          # a writer names one of the states
+    assert set(sm.STATES) == {"running", "finished", "failed", "error", "interrupted", "stale", "missing"}
+
+
+def test_error_is_a_state_and_an_unknown_state_reads_as_missing():
+    assert pm.from_status(sample_status(state="error"), now=5000.0).state == sm.ERROR
+    assert pm.from_status(sample_status(state="<b>paused</b>"), now=1012.0).state == sm.RUNNING
+
+
+def test_failures_say_where_the_job_ran_and_older_ones_do_not():
+    placed = {"index": 7, "error": "ValueError: bad 7", "traceback": "Traceback ...", "rank": 2, "host": "node7"}
+    p = pm.from_status(sample_status(failures=[placed]), now=1012.0)
+    assert (p.failures[0].rank, p.failures[0].host) == (2, "node7")
+    assert "failed job 7 (rank 2 on node7): ValueError: bad 7" in pm.render_text(p)
+    assert p.to_dict()["failures"] == [placed]         # the server's JSON API carries them too
+    for rank, host in ((True, 5), ("2", None), (None, ["x"])):
+        odd = pm.from_status(sample_status(failures=[dict(placed, rank=rank, host=host)]), now=1012.0)
+        assert (odd.failures[0].rank, odd.failures[0].host) == (None, "")
+        assert "failed job 7: ValueError: bad 7" in pm.render_text(odd)
+
+
+def test_a_stale_run_reads_where_its_jobs_failed_from_the_journals(tmp_path):
+    run = rundir.RunDir(str(tmp_path / "out.pkl"))
+    run.create()
+    writer = run.new_journal(2)
+    placed = {"index": 3, "arg": "3", "error": "ValueError: three", "traceback": "Traceback ...", "rank": 2,
+              "host": "node7"}
+    writer.append(3, False, identity.args_digest(3), 0.1, journal.encode_failure(placed))
+    older = {key: placed[key] for key in journal.FAILURE_FIELDS}   # written before records said where
+    writer.append(4, False, identity.args_digest(4), 0.1, journal.encode_failure(dict(older, index=4)))
+    writer.close()
+    p = pm.read_progress(tmp_path / "out.pkl")
+    assert p.state == "stale" and [(f.index, f.rank, f.host) for f in p.failures] == [(3, 2, "node7"), (4, None, "")]
+    text = pm.render_text(p)
+    assert "failed job 3 (rank 2 on node7): ValueError: three" in text and "failed job 4: ValueError" in text
 
 
 def test_text_view_draws_one_line_on_a_tty_and_rare_lines_in_a_log():

@@ -7,7 +7,7 @@ import pickle
 import pytest
 
 from mpitasker_ext import JobsFailed, Tasker, UsageError, mpimap
-from mpitasker_ext.scheduler import batch_size
+from mpitasker_ext.dispatch import batch_size
 
 
 @pytest.fixture(autouse=True)
