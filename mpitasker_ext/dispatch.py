@@ -9,9 +9,10 @@ import logging
 import math
 from collections import deque
 
+from .finish import finish
 from .ledger import Ledger
 from .protocol import TAG_FATAL, TAG_FINAL, TAG_REPORT, TAG_STOP, TAG_STOPPED, TAG_TASKS, Backoff, abandon, poll_wait
-from .reuse import finish, prepare
+from .reuse import prepare
 from .status import FAILED
 from .sweep import Outcome
 
