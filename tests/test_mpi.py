@@ -159,7 +159,7 @@ def test_a_failed_job_names_the_rank_and_host_it_ran_on(runner):
         rank = int(re.search(rf"ValueError: job {index} saw rank (\d+) host ", text).group(1))
         seen[index] = rank
         assert text.endswith(f"(the job ran on rank {rank} on {host})\n")
-    assert sorted(seen) == list(range(1, 40, 4)) and set(seen.values()) == {1, 2}
+    assert sorted(seen) == list(range(1, 40, 4)) and set(seen.values()) <= {1, 2}  # workers only
     assert f"First failure, job 1 with argument 1 (rank {seen[1]} on {host}): ValueError" in message
 
     records = [r for r in rundir.RunDir(runner.path("out.pkl")).read_records() if not r.ok]
