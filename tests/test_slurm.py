@@ -2,7 +2,6 @@
 and %%mpimap on ipyparallel engines that Slurm started."""
 
 import os
-import pickle
 import re
 import shutil
 import time
@@ -10,7 +9,7 @@ import time
 import pytest
 from slurm_cluster import Slurm
 
-from conftest import BIN, REPO
+from conftest import BIN, REPO, seed_load
 from mpitasker_ext import cache as cachemod
 
 EXAMPLES = os.path.join(REPO, "examples", "slurm")
@@ -38,12 +37,6 @@ def job_env(**extra):
                 **extra)
 
 
-def load(path):
-    with open(path, "rb") as f:
-        data = pickle.load(f)
-    return data if len(data) > 1 else data[0]
-
-
 def expected(points=60):
     import itertools
     import math
@@ -64,7 +57,7 @@ def test_batch_examples_run_the_sweep(slurm, sweep_dir, script, log):
     assert state == "COMPLETED", text + slurm.logs()
     assert "60 points in sweep.pkl" in text
     assert "     3            -    20       0" in text              # three workers, twenty points each
-    assert [r for _, _, r in load(sweep_dir / "sweep.pkl")] == pytest.approx(expected())
+    assert [r for _, _, r in seed_load(sweep_dir / "sweep.pkl")] == pytest.approx(expected())
     assert not (sweep_dir / "sweep.pkl.mpi").exists()
 
 
@@ -97,7 +90,7 @@ def test_scancel_mid_run_then_resubmit_resumes(slurm, sweep_dir):
     text = output_of(sweep_dir, "sweep-{}.out", again)
     cached = int(re.search(r"finished \| 60/60 done \((\d+) cached\)", text).group(1))
     assert cached == len(kept), text                   # exactly the finished points were reused
-    assert [r for _, _, r in load(sweep_dir / "sweep.pkl")] == pytest.approx(expected())
+    assert [r for _, _, r in seed_load(sweep_dir / "sweep.pkl")] == pytest.approx(expected())
 
 
 def test_wall_time_kill_and_resubmission_chain_finish_the_sweep(slurm, sweep_dir):
@@ -112,7 +105,7 @@ def test_wall_time_kill_and_resubmission_chain_finish_the_sweep(slurm, sweep_dir
     assert slurm.wait(jobs[1], timeout=240) == "COMPLETED", slurm.logs()
     text = output_of(sweep_dir, "sweep-{}.out", jobs[1])
     assert re.search(r"finished \| 60/60 done \((\d+) cached\)", text).group(1) == str(len(kept))
-    assert [r for _, _, r in load(sweep_dir / "sweep.pkl")] == pytest.approx(expected())
+    assert [r for _, _, r in seed_load(sweep_dir / "sweep.pkl")] == pytest.approx(expected())
     assert slurm.wait(jobs[2], timeout=60) == "CANCELLED"       # not needed: dropped by its dependency
 
 
