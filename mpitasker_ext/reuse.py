@@ -286,8 +286,8 @@ def _code_change(sweep, what):
     """Apply the on_code_change policy; True when the stored results may be used."""
     policy = sweep.on_code_change
     if policy == "error":
-        raise CodeChanged(f"{what}. Choose: recompute everything (force / --force) or keep the cached "
-                          "results (reuse / --reuse).")
+        raise CodeChanged(f"{what}. Choose: recompute everything ({sweep.spelling.force}) or keep the cached "
+                          f"results ({sweep.spelling.reuse}).")
     if policy == "recompute":
         log.warning("%s; recomputing, as asked (on_code_change='recompute')", what)
         return False
@@ -334,7 +334,7 @@ def finish(sweep, prepared, ledger):
         failures = {**before.failed, **new.failed}
         failed = {i: failures[digests[i]].failure() for i in missing if digests[i] in failures}
         if failed:
-            return _failure_outcome(cache, failed, n)
+            return _failure_outcome(cache, failed, n, sweep.spelling)
         if _written_for_other_arguments(cache, set(missing), digests):
             return Outcome(error_type="UsageError", message=(
                 f"the arguments of {len(missing)} jobs (e.g. job {missing[0]}) differ between ranks: every "
@@ -351,7 +351,7 @@ def finish(sweep, prepared, ledger):
     except _Unloadable as bad:
         ledger.maybe_write("failed", force=True)
         cache.release_lock()
-        return _failure_outcome(cache, {bad.index: bad.failure}, n)
+        return _failure_outcome(cache, {bad.index: bad.failure}, n, sweep.spelling)
     except OSError as exc:
         ledger.maybe_write("error", force=True)
         cache.release_lock()
@@ -465,7 +465,7 @@ def _written_for_other_arguments(cache, missing, digests):
                for record in cache.read_records())
 
 
-def _failure_outcome(cache, failed, n):
+def _failure_outcome(cache, failed, n, spelling):
     indices = sorted(failed)
     first = failed[indices[0]]
     shown = ", ".join(map(str, indices[:50])) + (" ..." if len(indices) > 50 else "")
@@ -473,6 +473,6 @@ def _failure_outcome(cache, failed, n):
                f"First failure, job {indices[0]} with argument {first['arg']}: {first['error']}\n"
                f"{first['traceback']}"
                f"The {n - len(indices)} finished jobs are cached in {cache.run_dir}; fix the cause and rerun to "
-               "compute only the failed jobs (or pass retries=N to try them again in the same run).")
+               f"compute only the failed jobs (or pass {spelling.retries} to try them again in the same run).")
     failures = {i: failed[i]["traceback"] or failed[i]["error"] for i in indices[:1000]}
     return Outcome(error_type="JobsFailed", message=message, failures=failures, total=n)
