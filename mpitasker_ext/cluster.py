@@ -1,4 +1,5 @@
-"""Find or start an ipyparallel cluster whose engines form one MPI world, and run a sweep on it.
+"""Find, start or stop an ipyparallel cluster whose engines form one MPI world, keep the kernel's session with it
+(``ClusterSession``), and run a sweep on it.
 
 The kernel never imports ``mpi4py.MPI`` (MPI inside a Jupyter kernel hangs or kills it); it talks to the engines
 through ipyparallel only. The job travels once, as one payload, to every engine; from then on MPI carries only
@@ -338,7 +339,7 @@ def collect(future, output):
         if not dead:
             raise
         raise EnginesDied(_death_message(dead, output)) from None
-    return root_reply(replies)
+    return _root_outcome(replies)
 
 
 def _dead_engines(exc):
@@ -370,7 +371,7 @@ def _death_message(dead, output):
             "resume.")
 
 
-def root_reply(replies):
+def _root_outcome(replies):
     """Rank 0's ``Outcome``: success, or the error every rank agreed on."""
     import pickle
 
