@@ -127,15 +127,16 @@ def test_mpimap_on_ipyparallel_slurm_engines(slurm, tmp_path, monkeypatch):
 
 
 def test_slurm_engines_without_mpi_plugin_get_the_fix_named(slurm, tmp_path, monkeypatch):
-    from IPython.core.error import UsageError
     from IPython.core.interactiveshell import InteractiveShell
+
+    from mpitasker_ext.errors import ClusterError
     monkeypatch.setenv("SLURM_CONF", slurm.conf)
     monkeypatch.setenv("SLURM_MPI_TYPE", "none")
     monkeypatch.chdir(tmp_path)
     ip = InteractiveShell.instance()
     ip.run_line_magic("load_ext", "mpitasker_ext")
     try:
-        with pytest.raises(UsageError, match="SLURM_MPI_TYPE=pmi2"):
+        with pytest.raises(ClusterError, match="SLURM_MPI_TYPE=pmi2.*The engines were stopped"):
             ip.run_line_magic("mpicluster", "start -n 3 --engines slurm --profile slurmnompi")
     finally:
         ip.run_line_magic("mpicluster", "stop --profile slurmnompi")
