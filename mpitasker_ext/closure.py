@@ -18,17 +18,13 @@ import symtable
 import types
 from dataclasses import dataclass, field
 
-from .errors import UsageError
+from .errors import ClosureError, UsageError
 from .identity import code_fingerprint
 
 CELL_FILENAME = "<mpimap cell>"
 _ARG = "__mpimap_arg__"
 _FUNC = "cell"
 _FOR = re.compile(r"(?:^|\s)for\s")
-
-
-class ClosureError(UsageError):
-    """A name of the cell cannot be shipped to the engines (undefined or unpicklable)."""
 
 
 @dataclass

@@ -1,4 +1,5 @@
-"""Find or start an ipyparallel cluster whose engines form one MPI world, and run a sweep on it.
+"""Find, start or stop an ipyparallel cluster whose engines form one MPI world, keep the kernel's session with it
+(``ClusterSession``), and run a sweep on it.
 
 The kernel never imports ``mpi4py.MPI`` (MPI inside a Jupyter kernel hangs or kills it); it talks to the engines
 through ipyparallel only. The job travels once, as one payload, to every engine; from then on MPI carries only
@@ -13,7 +14,8 @@ import socket
 import sys
 from dataclasses import dataclass, field
 
-from .errors import MPITaskerError, UsageError
+from .errors import ClusterError, EnginesDied, MPITaskerError, UsageError
+from .sweep import Outcome
 
 log = logging.getLogger(__name__)
 
@@ -21,14 +23,6 @@ CONNECT_TIMEOUT = 5.0
 START_TIMEOUT = 120.0
 HOW_TO_START = ("start one with  %mpicluster start -n 4  in the notebook, or  ipcluster start --engines=MPI -n 4  "
                 "in a terminal")
-
-
-class ClusterError(MPITaskerError):
-    """No usable cluster, or engines that are not one MPI world."""
-
-
-class EnginesDied(ClusterError):
-    """Engines died during a run; finished jobs are kept and the cluster must be restarted."""
 
 
 def mpiexec_path():
@@ -111,9 +105,123 @@ def start(n=4, profile=None, cluster_id=None, engines="mpi"):
         client = cluster.connect_client_sync()
         client.wait_for_engines(n, timeout=START_TIMEOUT)
     except BaseException:
-        cluster.stop_cluster_sync()
+        stop(cluster)
         raise
     return cluster, client
+
+
+def stop(cluster=None, profile=None, cluster_id=None):
+    """Stop the cluster given, else the one the profile's cluster file describes; its id, or None when no
+    cluster runs there."""
+    if cluster is None:
+        ipp = _import_ipyparallel()
+        try:
+            cluster = ipp.Cluster.from_file(profile=profile, cluster_id=cluster_id or "")
+        except FileNotFoundError:
+            return None
+    quiet = _BelowError()
+    cluster.log.addFilter(quiet)
+    try:
+        cluster.stop_cluster_sync()
+    finally:
+        cluster.log.removeFilter(quiet)
+    return cluster.cluster_id
+
+
+class _BelowError(logging.Filter):
+    """Stopping kills mpiexec, which exits with code 1: ipyparallel then logs the engines' whole output and
+    'engine set stopped ... exit_code 1' as warnings, which read like a failure of the stop the user asked for."""
+
+    def filter(self, record):
+        return record.levelno >= logging.ERROR
+
+
+class ClusterSession:
+    """The cluster a kernel works with: at most one it started itself, and a client to the one in use, whose
+    engines are checked to be one MPI world once per set of engines (a restart or an added engine checks again)."""
+
+    def __init__(self):
+        self._cluster = None  # the ipyparallel Cluster this session started
+        self.client = None
+        self._asked_for = None  # (profile, cluster_id) of the client
+        self._checked_ids = None
+        self._ranks = {}
+
+    def connect(self, profile=None, cluster_id=None):
+        """The client in use, or one of the cluster named (the default profile's when none is named); None when
+        no cluster runs and none was named."""
+        asked_for = (profile, cluster_id)
+        if self.client is not None and asked_for in ((None, None), self._asked_for):
+            return self.client
+        client = connect(profile, cluster_id)
+        if client is None:
+            if asked_for == (None, None):
+                return None
+            raise ClusterError(f"no cluster is running for profile {profile or 'default'!r}"
+                               + (f" with id {cluster_id!r}" if cluster_id else "") + f"; {HOW_TO_START}")
+        self._use(client, asked_for)
+        return client
+
+    def world(self):
+        """Engine id -> MPI rank of the engines in use, when they are one MPI world."""
+        ids = tuple(self.client.ids)
+        if not ids:
+            raise ClusterError("the cluster has no engines left (they died or were stopped); restart it: "
+                               "%mpicluster stop then %mpicluster start -n N, or ipcluster stop / start")
+        if self._checked_ids != ids:
+            self._ranks = check_one_world(self.client)
+            self._checked_ids = ids
+        return self._ranks
+
+    def start(self, n=4, profile=None, cluster_id=None, engines="mpi"):
+        """Start a controller and n MPI engines and use them; returns (the cluster's id, engine id -> rank)."""
+        if self._cluster is not None:
+            raise UsageError("this kernel already started a cluster; use it, or %mpicluster stop first")
+        if cluster_id:
+            existing = connect(profile, cluster_id)
+            if existing is not None:
+                existing.close()
+                raise UsageError(f"a cluster with id {cluster_id!r} is already running; use it "
+                                 f"(--cluster-id {cluster_id}), or stop it first")
+        cluster, client = start(n, profile, cluster_id, engines)
+        try:
+            ranks = check_one_world(client)
+        except ClusterError as exc:
+            client.close()
+            stop(cluster)
+            raise ClusterError(f"{exc} The engines were stopped.") from None
+        self._cluster = cluster
+        self._use(client, (profile, cluster_id))
+        self._ranks, self._checked_ids = ranks, tuple(client.ids)
+        return cluster.cluster_id, ranks
+
+    @property
+    def started(self):
+        """True while a cluster this session started runs."""
+        return self._cluster is not None
+
+    def stop(self, profile=None, cluster_id=None):
+        """Stop the cluster this session started, else the one named (the default profile's when none is);
+        its id, or None when none runs there."""
+        self._use(None, None)
+        cluster, self._cluster = self._cluster, None
+        return stop(cluster, profile, cluster_id)
+
+    def submit(self, task):
+        """Send the task to every engine in use; ipyparallel's AsyncResult (a Future)."""
+        return submit(self.client, task)
+
+    def interrupt(self, future, grace=10):
+        """Ctrl-C for the engines: they stop their jobs and keep every finished record."""
+        import signal
+
+        self.client.send_signal(signal.SIGINT, targets=list(self.client.ids), block=True)
+        future.wait(grace)
+
+    def _use(self, client, asked_for):
+        if self.client is not None and self.client is not client:
+            self.client.close()
+        self.client, self._asked_for, self._checked_ids = client, asked_for, None
 
 
 def _engine_world():
@@ -170,21 +278,10 @@ class EngineTask:
     options: dict = field(default_factory=dict)
 
 
-@dataclass
-class EngineReply:
-    """One engine's answer: success (the results are in the store, which the kernel reads itself: they never
-    travel back through the engines and ZMQ), or the error every engine agreed on."""
-
-    rank: int
-    ok: bool = False
-    error_type: str = ""
-    message: str = ""
-    failures: dict = field(default_factory=dict)
-    total: int = 0
-
-
 def run_task(payload, token=0):
-    """Runs on every engine: rebuild the job, step into the kernel's directory and path, take part in the run.
+    """Runs on every engine: rebuild the job, step into the kernel's directory and path, take part in the run;
+    answer with this engine's MPI rank and the run's ``Outcome`` (small: the results stay in the store, which the
+    kernel reads itself, so they never travel back through the engines and ZMQ).
 
     Whatever fails while setting up (unpickling, a module missing here, the directory) is handed to the run, so
     every engine learns of it together instead of the others waiting for this one.
@@ -215,14 +312,13 @@ def run_task(payload, token=0):
     try:
         run_mpi(sweep, MPI.COMM_WORLD, setup_error=setup_error, token=token)
     except MPITaskerError as exc:
-        reply = EngineReply(rank, False, type(exc).__name__, str(exc), getattr(exc, "failures", {}),
-                            getattr(exc, "total", 0))
+        outcome = Outcome.from_exception(exc)
     else:
-        reply = EngineReply(rank, True)
+        outcome = Outcome(ok=True, total=len(sweep.args))
     finally:
         os.chdir(old_cwd)
         sys.path[:] = old_path
-    return cloudpickle.dumps(reply)
+    return cloudpickle.dumps((rank, outcome))
 
 
 def submit(client, task):
@@ -236,7 +332,7 @@ def submit(client, task):
 
 
 def collect(future, output):
-    """Rank 0's reply, or a clear EnginesDied when engine processes died during the run."""
+    """Rank 0's ``Outcome``, or a clear EnginesDied when engine processes died during the run."""
     try:
         replies = future.result()
     except Exception as exc:  # noqa: BLE001 - ipyparallel wraps remote failures in several types
@@ -244,7 +340,7 @@ def collect(future, output):
         if not dead:
             raise
         raise EnginesDied(_death_message(dead, output)) from None
-    return root_reply(replies)
+    return _root_outcome(replies)
 
 
 def _dead_engines(exc):
@@ -276,12 +372,12 @@ def _death_message(dead, output):
             "resume.")
 
 
-def root_reply(replies):
-    """Rank 0's reply: the values, or the error every rank agreed on."""
+def _root_outcome(replies):
+    """Rank 0's ``Outcome``: success, or the error every rank agreed on."""
     import pickle
 
     for data in replies:
-        reply = pickle.loads(data)
-        if reply.rank == 0:
-            return reply
+        rank, outcome = pickle.loads(data)
+        if rank == 0:
+            return outcome
     raise ClusterError("no engine reported as MPI rank 0")

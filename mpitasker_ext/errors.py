@@ -1,4 +1,9 @@
-"""The small family of errors users see; each message says what to do next."""
+"""The small family of errors users see; each message says what to do next.
+
+An error raised on one MPI rank (or engine) travels to the others, and to the kernel, as its class name and
+message (``sweep.Outcome``); ``rebuild`` raises it again there as the same class, wherever in the package that
+class is defined.
+"""
 
 
 class MPITaskerError(Exception):
@@ -12,6 +17,10 @@ class MPITaskerError(Exception):
 
 class UsageError(MPITaskerError, ValueError):
     """A bad argument, caught before anything ran or was written."""
+
+
+class ClosureError(UsageError):
+    """A name of the cell cannot be shipped to the engines (undefined or unpicklable)."""
 
 
 class CacheError(MPITaskerError):
@@ -30,10 +39,18 @@ class WorkerError(MPITaskerError):
     """A rank failed outside of a job (I/O error, lost process); finished records are kept."""
 
 
+class ClusterError(MPITaskerError):
+    """No usable cluster, or engines that are not one MPI world."""
+
+
+class EnginesDied(ClusterError):
+    """Engines died during a run; finished jobs are kept and the cluster must be restarted."""
+
+
 class JobsFailed(MPITaskerError):
     """Some jobs raised. The others finished and are cached; a rerun computes only the failed ones.
 
-    ``failures`` maps each failed job index to its traceback text.
+    ``failures`` maps each failed job index to its traceback text; ``total`` is the number of jobs in the map.
     """
 
     def __init__(self, message, failures=None, total=0):
@@ -44,3 +61,26 @@ class JobsFailed(MPITaskerError):
     @property
     def indices(self):
         return sorted(self.failures)
+
+
+def error_class(name):
+    """The package's error class called ``name``, in whichever of its modules it is defined (``store`` has its
+    own); ``MPITaskerError`` for a name the package does not define."""
+    pending = [MPITaskerError]
+    while pending:
+        kind = pending.pop()
+        if kind.__name__ == name and kind.__module__.partition(".")[0] == __name__.partition(".")[0]:
+            return kind
+        pending.extend(kind.__subclasses__())
+    return MPITaskerError
+
+
+def rebuild(name, message, failures=None, total=0):
+    """The error another process raised, as the same class with the same message. Built without calling the
+    class's ``__init__``, whose arguments may not be a message (as pickle would need)."""
+    kind = error_class(name)
+    error = kind.__new__(kind)
+    Exception.__init__(error, message)
+    if issubclass(kind, JobsFailed):
+        error.failures, error.total = dict(failures or {}), total
+    return error

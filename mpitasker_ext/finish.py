@@ -98,7 +98,7 @@ def finish(sweep, prepared, ledger):
         failures = {**before.failed, **new.failed}
         failed = {i: failures[digests[i]].failure() for i in missing if digests[i] in failures}
         if failed:
-            return _failure_outcome(run, failed, n)
+            return _failure_outcome(run, failed, n, sweep.spelling)
         if _written_for_other_arguments(run, set(missing), digests):
             return Outcome(error_type="UsageError", message=(
                 f"the arguments of {len(missing)} jobs (e.g. job {missing[0]}) differ between ranks: every "
@@ -115,7 +115,7 @@ def finish(sweep, prepared, ledger):
     except _Unloadable as bad:
         ledger.maybe_write(FAILED, force=True)
         run.release_lock()
-        return _failure_outcome(run, {bad.index: bad.failure}, n)
+        return _failure_outcome(run, {bad.index: bad.failure}, n, sweep.spelling)
     except OSError as exc:
         ledger.maybe_write(ERROR, force=True)
         run.release_lock()
@@ -229,7 +229,7 @@ def _written_for_other_arguments(run, missing, digests):
                for record in run.read_records())
 
 
-def _failure_outcome(run, failed, n):
+def _failure_outcome(run, failed, n, spelling):
     indices = sorted(failed)
     first = failed[indices[0]]
     shown = ", ".join(map(str, indices[:50])) + (" ..." if len(indices) > 50 else "")
@@ -238,6 +238,6 @@ def _failure_outcome(run, failed, n):
                f"{first['error']}\n"
                f"{first['traceback']}"
                f"The {n - len(indices)} finished jobs are cached in {run.run_dir}; fix the cause and rerun to "
-               "compute only the failed jobs (or pass retries=N to try them again in the same run).")
+               f"compute only the failed jobs (or pass {spelling.retries} to try them again in the same run).")
     failures = {i: failure_report(failed[i]) for i in indices[:1000]}
     return Outcome(error_type="JobsFailed", message=message, failures=failures, total=n)

@@ -1,10 +1,15 @@
-"""``%%mpimap`` and ``%mpicluster``: a thin front end; parsing here, the work in closure, cluster and scheduler."""
+"""``%%mpimap``, ``%mpicluster`` and ``%mpistatus``: a thin front end. Parsing and messages here; the cell becomes
+a job in ``closure``, the cluster session lives in ``cluster``, the views in ``views`` and ``follow``.
 
-import argparse
+The package's errors reach IPython as they are: their ``_render_traceback_`` shows the message without our
+internal frames.
+"""
+
 import logging
 import os
 import sys
 import time
+from dataclasses import dataclass
 
 from IPython.core import magic_arguments
 from IPython.core.error import UsageError as IPythonUsageError
@@ -13,13 +18,17 @@ from IPython.core.magic import Magics, cell_magic, line_magic, magics_class
 from . import closure
 from . import cluster as clustermod
 from . import progress as progressmod
-from . import widget as widgetmod
-from .errors import MPITaskerError, UsageError
+from .errors import UsageError
+from .follow import REFRESH_SECONDS, Follower, StatusMonitor, follow_run
 from .results import Results
 from .rundir import RunDir
+from .sweep import Spelling
 from .tasker import job_list
+from .views import make_view
 
 log = logging.getLogger(__name__)
+
+MAGIC_SPELLING = Spelling(retries="--retries N", force="--force", reuse="--reuse")
 
 
 def _cluster_options(func):
@@ -77,18 +86,28 @@ class MapRun:
         return f"<%%mpimap run of {self.output}: {state}>"
 
 
+@dataclass(frozen=True)
+class RunPlan:
+    """What one %%mpimap cell asks for, checked before anything is sent or written."""
+
+    job: closure.CellJob
+    args: list
+    output: str
+    options: dict  # keywords of the Sweep: retries, force, chunksize, timeout, prune, on_code_change, spelling
+    out: str | None = None
+    no_wait: bool = False
+    profile: str | None = None
+    cluster_id: str | None = None
+
+
 @magics_class
 class MPIMapMagics(Magics):
-    """Owns at most one cluster started from this kernel, and a client to the cluster in use."""
+    """The magics of one kernel; its ``session`` holds the cluster they use."""
 
     def __init__(self, shell):
         super().__init__(shell)
         self._last_output = None
-        self._cluster = None
-        self._client = None
-        self._client_key = None
-        self._checked_ids = None
-        self._ranks = {}
+        self.session = clustermod.ClusterSession()
 
     # -- %%mpimap -----------------------------------------------------------------------------------------------
     @magic_arguments.magic_arguments()
@@ -128,16 +147,12 @@ class MPIMapMagics(Magics):
         since, it stops and asks for --force (recompute) or --reuse (keep). Without a cluster the jobs run
         serially in the kernel, with a warning.
         """
-        try:
-            plan = self._plan(line, cell)
-        except UsageError as exc:
-            raise IPythonUsageError(str(exc)) from None
-        client = self._client_for(plan.profile, plan.cluster_id)
-        if client is None:
+        plan = self._plan(line, cell)
+        if self.session.connect(plan.profile, plan.cluster_id) is None:
             print(f"mpimap: no MPI cluster found; running {len(plan.args)} jobs serially in this kernel "
                   f"({clustermod.HOW_TO_START}).", file=sys.stderr)
             return self._run_here(plan)
-        return self._run_on(client, plan)
+        return self._run_on(plan)
 
     def _plan(self, line, cell):
         head, loop_text = closure.split_loop(line)
@@ -167,10 +182,10 @@ class MPIMapMagics(Magics):
             raise UsageError(f"the iterable {loop.iterable!r} raised {type(exc).__name__}: {exc}") from None
         args = job_list(iterable)
         options = {"retries": opts.retries, "force": opts.force, "chunksize": opts.chunksize, "timeout": opts.timeout,
-                   "prune": opts.prune,
-                   "on_code_change": "reuse" if opts.reuse else "error"}
-        return argparse.Namespace(job=job, args=args, output=run.output, options=options, out=opts.out,
-                                  no_wait=opts.no_wait, profile=opts.profile, cluster_id=opts.cluster_id)
+                   "prune": opts.prune, "on_code_change": "reuse" if opts.reuse else "error",
+                   "spelling": MAGIC_SPELLING}
+        return RunPlan(job, args, run.output, options, out=opts.out, no_wait=opts.no_wait, profile=opts.profile,
+                       cluster_id=opts.cluster_id)
 
     def _assign(self, plan, started, where):
         """The results, read from the store on this machine's file system when they are used (never shipped
@@ -184,7 +199,7 @@ class MPIMapMagics(Magics):
 
     def _view(self, plan):
         self._last_output = plan.output
-        return widgetmod.make_view(f"%%mpimap {os.path.basename(plan.output)}")
+        return make_view(f"%%mpimap {os.path.basename(plan.output)}")
 
     def _run_here(self, plan):
         from concurrent.futures import ThreadPoolExecutor
@@ -194,8 +209,7 @@ class MPIMapMagics(Magics):
 
         view = self._view(plan)
         sweep = Sweep(plan.job.function(), plan.args, plan.output, fingerprint=plan.job.fingerprint,
-                      function_name="%%mpimap cell", monitor=_ThrottledMonitor(view),
-                      **plan.options)
+                      function_name="%%mpimap cell", monitor=StatusMonitor(view, REFRESH_SECONDS), **plan.options)
         started = time.time()
         if plan.no_wait:
             executor = ThreadPoolExecutor(1)
@@ -206,75 +220,42 @@ class MPIMapMagics(Magics):
         values = self._assign(plan, started, "serially")
         return None if plan.out else values
 
-    def _run_on(self, client, plan):
-        ranks = self._check_world(client)
+    def _run_on(self, plan):
+        ranks = self.session.world()
         task = clustermod.EngineTask(plan.job, plan.args, plan.output, os.getcwd(), list(sys.path), plan.options)
         view = self._view(plan)
         started = time.time()
-        future = clustermod.submit(client, task)
+        future = self.session.submit(task)
         where = f"{len(ranks) - 1} MPI workers"
 
         def finish(done):
-            reply = clustermod.collect(done, plan.output)
-            if not reply.ok:
-                _raise_reply(reply)
+            outcome = clustermod.collect(done, plan.output)
+            if not outcome.ok:
+                outcome.raise_error(on_root=True)
             return self._assign(plan, started, where)
 
         if plan.no_wait:
-            follower = widgetmod.Follower(plan.output, view, background=True, since=started)
+            follower = Follower(plan.output, view, background=True, since=started)
             return MapRun(future, finish, plan.output, follower)
-        follower = widgetmod.Follower(plan.output, view, since=started)
+        follower = Follower(plan.output, view, since=started)
         try:
             while not future.done():
-                future.wait(widgetmod.REFRESH_SECONDS)
+                future.wait(REFRESH_SECONDS)
                 follower.refresh()
         except KeyboardInterrupt:
-            self._interrupt(client, future, plan, follower)
+            self._interrupt(future, plan, follower)
         follower.stop()
         values = finish(future)
         return None if plan.out else values
 
-    def _interrupt(self, client, future, plan, follower):
+    def _interrupt(self, future, plan, follower):
         """Ctrl-C / kernel interrupt: stop the engines, keep every finished record, say how to resume."""
-        import signal
-
-        client.send_signal(signal.SIGINT, targets=list(client.ids), block=True)
-        future.wait(10)
+        self.session.interrupt(future)
         follower.stop()
         raise KeyboardInterrupt(f"%%mpimap interrupted; finished jobs are kept in {plan.output}.mpi/. "
                                 "Run the cell again to resume.")
 
-    # -- clusters -------------------------------------------------------------------------------------------------
-    def _client_for(self, profile, cluster_id):
-        key = (profile, cluster_id)
-        if self._client is not None and (key == (None, None) or key == self._client_key):
-            return self._client
-        try:
-            client = clustermod.connect(profile, cluster_id)
-        except clustermod.ClusterError as exc:
-            raise IPythonUsageError(str(exc)) from None
-        if client is None and key != (None, None):
-            raise IPythonUsageError(f"no cluster is running for profile {profile or 'default'!r}"
-                                    + (f" with id {cluster_id!r}" if cluster_id else "")
-                                    + f"; {clustermod.HOW_TO_START}")
-        if client is not None:
-            self._client, self._client_key, self._checked_ids = client, key, None
-        return client
-
-    def _check_world(self, client):
-        """Once per set of engines: an engine restart or an added engine triggers a new check."""
-        ids = tuple(client.ids)
-        if not ids:
-            raise IPythonUsageError("the cluster has no engines left (they died or were stopped); restart it: "
-                                    "%mpicluster stop then %mpicluster start -n N, or ipcluster stop / start")
-        if self._checked_ids != ids:
-            try:
-                self._ranks = clustermod.check_one_world(client)
-            except clustermod.ClusterError as exc:
-                raise IPythonUsageError(str(exc)) from None
-            self._checked_ids = ids
-        return self._ranks
-
+    # -- %mpicluster ---------------------------------------------------------------------------------------------
     @magic_arguments.magic_arguments()
     @magic_arguments.argument("action", choices=["start", "stop", "status"],
                               help="start: a controller and N MPI engines; stop: the cluster; status: engines "
@@ -290,57 +271,29 @@ class MPIMapMagics(Magics):
         """Start, stop or show the ipyparallel cluster of MPI engines that %%mpimap uses."""
         opts = magic_arguments.parse_argstring(self.mpicluster, line)
         if opts.action == "start":
-            return self._start(opts)
-        if opts.action == "stop":
-            return self._stop(opts)
-        client = self._client_for(opts.profile, opts.cluster_id)
-        if client is None:
+            cluster_id, ranks = self.session.start(opts.n, opts.profile, opts.cluster_id, opts.engines)
+            print(f"started cluster {cluster_id!r}: {len(ranks)} MPI engines (rank 0 schedules, "
+                  f"{len(ranks) - 1} compute); stop it with %mpicluster stop")
+        elif opts.action == "stop":
+            self._stop(opts.profile, opts.cluster_id)
+        elif self.session.connect(opts.profile, opts.cluster_id) is None:
             print(f"no MPI cluster is running; {clustermod.HOW_TO_START}")
-            return None
-        ranks = self._check_world(client)
-        print(f"{len(ranks)} engines in one MPI world: " +
-              ", ".join(f"engine {e} = rank {r}" for e, r in sorted(ranks.items(), key=lambda x: x[1])))
-        return None
+        else:
+            ranks = self.session.world()
+            print(f"{len(ranks)} engines in one MPI world: " +
+                  ", ".join(f"engine {e} = rank {r}" for e, r in sorted(ranks.items(), key=lambda x: x[1])))
 
-    def _start(self, opts):
-        existing = clustermod.connect(opts.profile, opts.cluster_id) if opts.cluster_id else None
-        if self._cluster is not None or existing is not None:
-            raise IPythonUsageError("a cluster is already running here; use it, or %mpicluster stop first")
-        try:
-            cluster, client = clustermod.start(opts.n, opts.profile, opts.cluster_id, opts.engines)
-        except MPITaskerError as exc:
-            raise IPythonUsageError(str(exc)) from None
-        try:
-            ranks = clustermod.check_one_world(client)
-        except clustermod.ClusterError as exc:
-            client.close()
-            cluster.stop_cluster_sync()
-            raise IPythonUsageError(f"{exc} The engines were stopped.") from None
-        self._cluster = cluster
-        self._client, self._client_key = client, (opts.profile, opts.cluster_id)
-        self._ranks, self._checked_ids = ranks, tuple(client.ids)
-        print(f"started cluster {cluster.cluster_id!r}: {len(ranks)} MPI engines (rank 0 schedules, "
-              f"{len(ranks) - 1} compute); stop it with %mpicluster stop")
-
-    def _stop(self, opts):
-        if self._cluster is None and opts.profile is None and opts.cluster_id is None:
+    def _stop(self, profile, cluster_id):
+        """One line, whatever ipyparallel has to say about the engines it stopped."""
+        if not self.session.started and profile is None and cluster_id is None:
             print("no cluster was started by this kernel; give --profile/--cluster-id to stop another one")
             return
-        if self._client is not None:
-            self._client.close()
-        self._client = self._client_key = self._checked_ids = None
-        if self._cluster is not None:
-            self._cluster.stop_cluster_sync()
-            self._cluster = None
+        stopped = self.session.stop(profile, cluster_id)
+        if stopped is None:
+            print(f"no cluster is running for profile {profile or 'default'!r}"
+                  + (f" with id {cluster_id!r}" if cluster_id else ""))
         else:
-            ipp = clustermod._import_ipyparallel()
-            try:
-                ipp.Cluster.from_file(profile=opts.profile, cluster_id=opts.cluster_id or "").stop_cluster_sync()
-            except FileNotFoundError:
-                print(f"no cluster is running for profile {opts.profile or 'default'!r}")
-                return
-        print("cluster stopped")
-
+            print(f"cluster {stopped!r} stopped")
 
     # -- %mpistatus ----------------------------------------------------------------------------------------------
     @magic_arguments.magic_arguments()
@@ -361,41 +314,12 @@ class MPIMapMagics(Magics):
             print(f"no runs under {os.getcwd()}: give the output path, e.g. %mpistatus sweep.pkl")
             return
         for path in paths:
-            if progressmod.read_progress(path).state == progressmod.MISSING:
-                print(progressmod.read_progress(path).note)
+            snapshot = progressmod.read_progress(path)
+            if snapshot.state == progressmod.MISSING:
+                print(snapshot.note)
                 continue
-            widgetmod.status_view_for(path)
-
-
-class _ThrottledMonitor:
-    """A view fed from the scheduler's status writes (serial runs in the kernel), at most 2 updates a second."""
-
-    def __init__(self, view):
-        self.view = view
-        self._last = 0.0
-
-    def __call__(self, status):
-        progress = progressmod.from_status(status)
-        now = time.monotonic()
-        if progress.state != progressmod.RUNNING:
-            self.view.close(progress)
-        elif now - self._last >= widgetmod.REFRESH_SECONDS:
-            self._last = now
-            self.view.update(progress)
-
-
-def _raise_reply(reply):
-    """Raise, in the kernel, the error the engines agreed on (same class and message as in a script)."""
-    from . import errors
-
-    kind = getattr(errors, reply.error_type, None)
-    if not (isinstance(kind, type) and issubclass(kind, MPITaskerError)):
-        kind = MPITaskerError
-    if kind is errors.JobsFailed:
-        raise errors.JobsFailed(reply.message, reply.failures, total=reply.total)
-    raise kind(reply.message)
+            follow_run(path)
 
 
 def load(ipython):
     ipython.register_magics(MPIMapMagics)
-

@@ -233,8 +233,8 @@ def _code_change(sweep, what):
     """Apply the on_code_change policy; True when the stored results may be used."""
     policy = sweep.on_code_change
     if policy == "error":
-        raise CodeChanged(f"{what}. Choose: recompute everything (force / --force) or keep the cached "
-                          "results (reuse / --reuse).")
+        raise CodeChanged(f"{what}. Choose: recompute everything ({sweep.spelling.force}) or keep the cached "
+                          f"results ({sweep.spelling.reuse}).")
     if policy == "recompute":
         log.warning("%s; recomputing, as asked (on_code_change='recompute')", what)
         return False

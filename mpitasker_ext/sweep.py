@@ -1,12 +1,25 @@
 """What every rank of a map holds (``Sweep``) and how the map ended (``Outcome``): plain data shared by the job
-execution, the reuse rules and the MPI loops."""
+execution, the reuse rules, the MPI loops and the engines' replies to the kernel."""
 
 from dataclasses import dataclass, field
 
 from . import errors
-from .errors import JobsFailed, UsageError
+from .errors import UsageError
 
 CODE_CHANGE_POLICIES = ("warn", "reuse", "recompute", "error")
+
+
+@dataclass(frozen=True)
+class Spelling:
+    """How the caller's users write an option, for advice in messages: a script passes ``retries=N``, a
+    notebook cell writes ``--retries N``."""
+
+    retries: str = "retries=N"
+    force: str = "force=True"
+    reuse: str = "on_code_change='reuse'"
+
+
+SCRIPT_SPELLING = Spelling()
 
 
 @dataclass(frozen=True)
@@ -26,6 +39,7 @@ class Sweep:
     timeout: float | None = None  # seconds a job may run before it is stopped and recorded as failed
     prune: bool = False  # after success, drop stored results whose argument is not in this grid
     monitor: object = None  # called on rank 0 with each status.RunStatus written (a text progress view, say)
+    spelling: Spelling = SCRIPT_SPELLING  # how messages name the options
 
     def __post_init__(self):
         if self.on_code_change not in CODE_CHANGE_POLICIES:
@@ -45,8 +59,8 @@ class Sweep:
 
 @dataclass
 class Outcome:
-    """What rank 0 tells every rank at the end: success (the results are in the store), or the error every
-    rank raises."""
+    """How a map ended, as rank 0 tells every rank and every engine tells the kernel: success (the results are
+    in the store), or the error to raise, by class name, with the failed jobs and the map's size."""
 
     ok: bool = False
     error_type: str = ""
@@ -57,15 +71,13 @@ class Outcome:
     @classmethod
     def from_exception(cls, exc):
         if isinstance(exc, errors.MPITaskerError):
-            return cls(error_type=type(exc).__name__, message=str(exc))
+            return cls(error_type=type(exc).__name__, message=str(exc), failures=dict(getattr(exc, "failures", {})),
+                       total=getattr(exc, "total", 0))
         return cls(error_type="MPITaskerError", message=f"rank 0 could not run the map: {exc}")
 
     def raise_error(self, on_root):
-        """Rank 0 shows the whole story; the other ranks a one-line version of the same error."""
-        if self.error_type == "JobsFailed":
-            message = self.message if on_root else self.message.split("\n", 1)[0] + " (rank 0 shows the traceback)"
-            raise JobsFailed(message, self.failures, total=self.total)
-        kind = getattr(errors, self.error_type, None)
-        if not (isinstance(kind, type) and issubclass(kind, errors.MPITaskerError)):
-            kind = errors.MPITaskerError
-        raise kind(self.message)
+        """Rank 0 (and the kernel) shows the whole story; the other ranks a one-line version of the same error."""
+        message = self.message
+        if self.error_type == "JobsFailed" and not on_root:
+            message = message.split("\n", 1)[0] + " (rank 0 shows the traceback)"
+        raise errors.rebuild(self.error_type, message, self.failures, self.total)

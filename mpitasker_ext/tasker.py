@@ -107,9 +107,10 @@ def _monitor(progress, rank):
     """Rank 0 shows progress on stderr: an updating line on a terminal, a line every 30 s in a log."""
     if not progress or rank != 0:
         return None
-    from .widget import StatusMonitor
+    from .follow import StatusMonitor
+    from .views import TextProgress
 
-    return StatusMonitor()
+    return StatusMonitor(TextProgress())
 
 
 def run_sweep(sweep, comm, kind, in_memory=False):

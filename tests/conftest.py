@@ -1,10 +1,14 @@
-"""Helpers to run real scripts under a real mpiexec (MPICH from the environment's bin/)."""
+"""Helpers to run real scripts under a real mpiexec (MPICH from the environment's bin/), and the few readers
+of what a run leaves that several test files need."""
 
+import json
 import os
+import pickle
 import shutil
 import subprocess
 import sys
 import textwrap
+import time
 
 import pytest
 
@@ -111,13 +115,22 @@ class Runner:
         base = [sys.executable, "-u", script, *map(str, args)]
         return base if n == 0 else [self.mpiexec, "-n", str(n), *base]
 
-    def run(self, script, n=4, *args, timeout=120, check=True):
-        env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    def run(self, script, n=4, *args, timeout=180, check=True, env=None):
+        """Run to the end; ``env``: variables added to this process's environment."""
         proc = subprocess.run(self.command(script, n, *args), cwd=self.workdir, capture_output=True, text=True,
-                              timeout=timeout, env=env)
+                              timeout=timeout, env=self._env(env))
         if check and proc.returncode != 0:
             raise AssertionError(f"exit {proc.returncode}\nstdout:\n{proc.stdout}\nstderr:\n{proc.stderr}")
         return proc
+
+    def start(self, script, n=4, *args, env=None):
+        """Start without waiting, in a session of its own, so a test can kill the whole MPI job."""
+        return subprocess.Popen(self.command(script, n, *args), cwd=self.workdir, start_new_session=True,
+                                env=self._env(env), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+    @staticmethod
+    def _env(extra):
+        return dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""), **(extra or {}))
 
     def path(self, *parts):
         return os.path.join(self.workdir, *parts)
@@ -129,6 +142,37 @@ class Runner:
                 return [int(line) for line in f if line.strip()]
         except FileNotFoundError:
             return []
+
+
+def seed_load(path):
+    """The seed's own load(): the output file holds a pickled 1-tuple whose element is the list of triples."""
+    with open(path, "rb") as f:
+        data = pickle.load(f)
+    return data if len(data) > 1 else data[0]
+
+
+def pid_alive(pid):
+    """A process that exists and is not a zombie (Linux /proc)."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            state = f.read().rsplit(b")", 1)[1].split()[0]
+    except (FileNotFoundError, ProcessLookupError):
+        return False
+    return state not in (b"Z", b"X")
+
+
+def wait_lock_holder_gone(run_dir, timeout=15):
+    """mpiexec dies at once, its ranks a moment later: until rank 0, the holder named in lock.json (the on-disk
+    format of docs/design.md), is gone, the lock rightly refuses a rerun."""
+    try:
+        with open(os.path.join(run_dir, "lock.json")) as f:
+            pid = json.load(f)["pid"]
+    except (FileNotFoundError, ValueError, KeyError):
+        return
+    deadline = time.time() + timeout
+    while pid_alive(pid) and time.time() < deadline:
+        time.sleep(0.05)
+    assert not pid_alive(pid), f"rank 0 (pid {pid}) outlived the kill"
 
 
 @pytest.fixture

@@ -8,10 +8,18 @@ import time
 import nbformat
 import pytest
 
-from conftest import CHROMIUM, CHROMIUM_ARGS, CLUSTER_PROFILE, REPO, free_port, wait_for_jupyter
+from conftest import CHROMIUM, CHROMIUM_ARGS, CLUSTER_PROFILE, REPO, free_port, seed_load, wait_for_jupyter
 
 ARTIFACTS = os.path.join(REPO, "test-artifacts")
 JOBS = 240
+FAILING = (5, 60, 120)  # 3 of 180 jobs of a second run fail
+
+BAR_WIDTHS = """n => {
+    const bar = document.querySelectorAll('.mpitasker-bar')[n];
+    if (!bar) return null;
+    const width = sel => bar.querySelector(sel).getBoundingClientRect().width;
+    return [width('.mpitasker-bar-done'), width('.mpitasker-bar-failed'), bar.getBoundingClientRect().width];
+}"""
 
 
 @pytest.fixture
@@ -34,8 +42,10 @@ def test_widget_counts_move_and_end_at_the_total(jupyterlab, mpi_cluster):
     base, token, root = jupyterlab
     nb = nbformat.v4.new_notebook()
     magic = f"%%mpimap --profile {CLUSTER_PROFILE} -o r sweep.pkl for x in range({JOBS})"
+    failing = f"%%mpimap --profile {CLUSTER_PROFILE} f.pkl for x in range(180)"
     nb.cells = [nbformat.v4.new_code_cell("%load_ext mpitasker_ext"),
-                nbformat.v4.new_code_cell(magic + "\nimport time\ntime.sleep(0.05)\nx * x")]
+                nbformat.v4.new_code_cell(magic + "\nimport time\ntime.sleep(0.05)\nx * x"),
+                nbformat.v4.new_code_cell(failing + f"\nif x in {FAILING}:\n    raise ValueError(x)\nx")]
     nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
     nbformat.write(nb, root / "progress.ipynb")
     os.makedirs(ARTIFACTS, exist_ok=True)
@@ -61,8 +71,15 @@ def test_widget_counts_move_and_end_at_the_total(jupyterlab, mpi_cluster):
             time.sleep(0.2)
         try:
             page.wait_for_selector("text=mpimap: 240 results", timeout=30000)
+            finished_bar = page.evaluate(BAR_WIDTHS, 0)
+            run_cell(page, 2)
+            page.wait_for_selector("text=3 of 180 jobs failed", timeout=60000)
+            page.wait_for_function("() => document.querySelectorAll('.mpitasker-state').length == 2 && "
+                                   "document.querySelectorAll('.mpitasker-state')[1].textContent == 'failed'",
+                                   timeout=30000)
+            failed_bar = page.evaluate(BAR_WIDTHS, 1)
         finally:
-            page.screenshot(path=os.path.join(ARTIFACTS, "widget-finished.png"))
+            page.screenshot(path=os.path.join(ARTIFACTS, "widget-finished.png"), full_page=True)
             outputs = page.locator(".jp-OutputArea").all_inner_texts()
             browser.close()
     assert seen, f"the widget never appeared; cell outputs: {outputs}"
@@ -70,8 +87,11 @@ def test_widget_counts_move_and_end_at_the_total(jupyterlab, mpi_cluster):
     counts = [d for d, _ in seen]
     assert counts == sorted(counts) and len(set(counts)) >= 3, f"the counts did not move: {seen}"
     assert counts[-1] == JOBS
-    with open(root / "sweep.pkl", "rb") as f:
-        assert [t[2] for t in pickle_load(f)] == [x * x for x in range(JOBS)]
+    assert [t[2] for t in seed_load(root / "sweep.pkl")] == [x * x for x in range(JOBS)]
+    done, failed, whole = finished_bar
+    assert whole > 100 and done == pytest.approx(whole, abs=1) and failed == 0, finished_bar
+    done, failed, whole = failed_bar                  # in proportion: a sliver of red beside the green
+    assert done == pytest.approx(whole * 177 / 180, abs=2) and 2 <= failed <= whole * 3 / 180 + 2, failed_bar
 
 
 def run_cell(page, index, attempts=3):
@@ -91,11 +111,3 @@ def run_cell(page, index, attempts=3):
                 return
             time.sleep(0.1)
     raise AssertionError(f"cell {index} did not start after {attempts} tries")
-
-
-def pickle_load(f):
-    import pickle
-    data = pickle.load(f)
-    return data if len(data) > 1 else data[0]
-
-

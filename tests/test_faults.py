@@ -4,7 +4,6 @@ same output, a full disk, and every kind of cache damage. Nothing finished may b
 import collections
 import json
 import os
-import pickle
 import random
 import signal
 import subprocess
@@ -12,8 +11,8 @@ import time
 
 import pytest
 
-from conftest import REPO, tmpfs
-from mpitasker_ext import journal, lock, rundir
+from conftest import seed_load, tmpfs, wait_lock_holder_gone
+from mpitasker_ext import journal, rundir
 from mpitasker_ext.scan import journal_records
 
 TORTURE_JOB = """
@@ -30,39 +29,8 @@ TORTURE_JOB = """
 """
 
 
-def load_output(path):
-    with open(path, "rb") as f:
-        data = pickle.load(f)
-    return data if len(data) > 1 else data[0]
-
-
 def finished_indices(run_dir):
     return {rec.index for rec in rundir.RunDir(run_dir[:-4]).read_records() if rec.ok}
-
-
-def popen(runner, script, n, *args, **env):
-    return subprocess.Popen(runner.command(script, n, *args), cwd=runner.workdir, start_new_session=True,
-                            env=dict(os.environ, PYTHONPATH=REPO, **env), stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
-
-
-def run_env(runner, script, n, *args, **env):
-    return subprocess.run(runner.command(script, n, *args), cwd=runner.workdir, capture_output=True, text=True,
-                          timeout=180, env=dict(os.environ, PYTHONPATH=REPO, **env))
-
-
-def wait_lock_free(run_dir, timeout=15):
-    path = os.path.join(run_dir, rundir.LOCK)
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        try:
-            pid = json.load(open(path))["pid"]
-        except (FileNotFoundError, ValueError, KeyError):
-            return
-        if not lock.pid_alive(pid):
-            return
-        time.sleep(0.05)
-    raise AssertionError("rank 0 outlived the kill")
 
 
 def test_kill_torture_whole_job(runner):
@@ -74,7 +42,7 @@ def test_kill_torture_whole_job(runner):
     kills = 0
     for _attempt in range(12):
         before_log = len(runner.executions())
-        proc = popen(runner, "job.py", 4, n_jobs)
+        proc = runner.start("job.py", 4, n_jobs)
         deadline = time.time() + 30
         target = before_log + rng.randint(50, 400)
         while len(runner.executions()) < target and proc.poll() is None and time.time() < deadline:
@@ -84,25 +52,25 @@ def test_kill_torture_whole_job(runner):
         os.killpg(proc.pid, signal.SIGKILL)
         proc.communicate()
         kills += 1
-        wait_lock_free(run_dir)
+        wait_lock_holder_gone(run_dir)
         finished = finished_indices(run_dir)
         log_mark = len(runner.executions())
         # the next run (killed or not) must not execute any of these again
-        proc = popen(runner, "job.py", 4, n_jobs)
+        proc = runner.start("job.py", 4, n_jobs)
         time.sleep(rng.uniform(0.2, 0.6))
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.communicate()
             kills += 1
-            wait_lock_free(run_dir)
+            wait_lock_holder_gone(run_dir)
         rerun = runner.executions()[log_mark:]
         assert not finished.intersection(rerun), f"finished jobs ran again: {sorted(finished & set(rerun))[:10]}"
         if os.path.exists(runner.path("out.pkl")):
             break
     assert kills >= 6
-    final = run_env(runner, "job.py", 4, n_jobs)
+    final = runner.run("job.py", 4, n_jobs, check=False)
     assert final.returncode == 0, final.stderr
-    assert [r for (_, _, r) in load_output(runner.path("out.pkl"))] == [(x * 7919) % 1000003 for x in range(n_jobs)]
+    assert [r for (_, _, r) in seed_load(runner.path("out.pkl"))] == [(x * 7919) % 1000003 for x in range(n_jobs)]
     runs = collections.Counter(runner.executions())
     assert set(runs) == set(range(n_jobs))
     assert sum(c - 1 for c in runs.values()) <= 3 * kills      # only jobs in flight at a kill ran twice
@@ -111,7 +79,7 @@ def test_kill_torture_whole_job(runner):
 def test_killing_one_worker_names_it_and_the_rerun_resumes(runner):
     runner.write("job.py", TORTURE_JOB.replace("time.sleep(0.001)", "time.sleep(0.01)"))
     run_dir = runner.path("out.pkl.mpi")
-    proc = popen(runner, "job.py", 4, 600)
+    proc = runner.start("job.py", 4, 600)
     journals = lambda: [p for p in os.listdir(run_dir) if p.startswith("journal-")] if os.path.isdir(run_dir) \
         else []                                                                           # noqa: E731
     deadline = time.time() + 30
@@ -123,14 +91,14 @@ def test_killing_one_worker_names_it_and_the_rerun_resumes(runner):
     os.kill(victim["pid"], signal.SIGKILL)
     proc.communicate(timeout=30)
     assert proc.returncode != 0                # MPI stops every rank; its own report may name another pid
-    wait_lock_free(run_dir)
+    wait_lock_holder_gone(run_dir)
     done_before = finished_indices(run_dir)
     mark = len(runner.executions())
-    final = run_env(runner, "job.py", 4, 600)
+    final = runner.run("job.py", 4, 600, check=False)
     assert final.returncode == 0, final.stderr
     assert f"(rank 2, pid {victim['pid']} on " in final.stderr       # the rerun names the dead rank's job
     assert not done_before.intersection(runner.executions()[mark:])
-    assert len(load_output(runner.path("out.pkl"))) == 600
+    assert len(seed_load(runner.path("out.pkl"))) == 600
 
 
 @pytest.mark.parametrize("how", ["os._exit(3)", "__import__('ctypes').string_at(0)"])
@@ -144,11 +112,11 @@ def test_a_job_that_kills_its_process_is_named(runner, how):
             return x
         mpimap(work, range(40), 'out.pkl', chunksize=1)
     """)
-    first = run_env(runner, "job.py", 3)
+    first = runner.run("job.py", 3, check=False)
     assert first.returncode != 0
-    second = run_env(runner, "job.py", 3)
+    second = runner.run("job.py", 3, check=False)
     assert second.returncode != 0 and "job 17 (rank" in second.stderr
-    third = run_env(runner, "job.py", 3)
+    third = runner.run("job.py", 3, check=False)
     assert "job 17 was running each of the 2 times a process of this sweep died" in third.stderr
     assert "kills its own process" in third.stderr and "fn(args[17])" in third.stderr
 
@@ -164,7 +132,7 @@ def test_ctrl_c_on_mpiexec_stops_quickly_and_resumes(runner):
             return x
         mpimap(work, range(12), 'out.pkl', chunksize=1)
     """)
-    proc = popen(runner, "job.py", 4)
+    proc = runner.start("job.py", 4)
     deadline = time.time() + 30
     while len(runner.executions()) < 6 and time.time() < deadline:
         time.sleep(0.05)
@@ -176,19 +144,19 @@ def test_ctrl_c_on_mpiexec_stops_quickly_and_resumes(runner):
     status = json.load(open(runner.path("out.pkl.mpi", "status.json")))
     assert status["state"] == "interrupted"
     assert finished_indices(runner.path("out.pkl.mpi")) == set(range(6))
-    wait_lock_free(runner.path("out.pkl.mpi"))
+    wait_lock_holder_gone(runner.path("out.pkl.mpi"))
     runner.write("job.py", open(runner.path("job.py")).read().replace("30", "0.01"))
-    assert run_env(runner, "job.py", 4).returncode == 0
+    assert runner.run("job.py", 4, check=False).returncode == 0
     assert sorted(runner.executions()[6:]) == list(range(6, 12))
 
 
 def test_second_run_on_the_same_output_is_refused(runner):
     runner.write("job.py", TORTURE_JOB.replace("time.sleep(0.001)", "time.sleep(0.05)"))
-    first = popen(runner, "job.py", 3, 200)
+    first = runner.start("job.py", 3, 200)
     deadline = time.time() + 30
     while not os.path.exists(runner.path("out.pkl.mpi", rundir.LOCK)) and time.time() < deadline:
         time.sleep(0.02)
-    second = run_env(runner, "job.py", 3, 200)
+    second = runner.run("job.py", 3, 200, check=False)
     assert second.returncode != 0 and "RunLocked" in second.stderr
     assert "is being computed by another process (pid" in second.stderr
     first.communicate(timeout=120)
@@ -213,7 +181,7 @@ def test_full_disk_is_a_clear_error_and_keeps_every_record(runner, small_disk):
             return os.urandom(2000) if x % 2 else bytes(2000)
         mpimap(work, range(int(sys.argv[1])), {str(small_disk / 'out.pkl')!r}, chunksize=1)
     """)
-    full = run_env(runner, "job.py", 3, 400)
+    full = runner.run("job.py", 3, 400, check=False)
     assert full.returncode != 0
     assert "No space left on device" in full.stderr and "finished jobs are kept in" in full.stderr.replace(
         "Every finished job is kept in", "finished jobs are kept in")
@@ -222,10 +190,10 @@ def test_full_disk_is_a_clear_error_and_keeps_every_record(runner, small_disk):
     assert 20 < len(kept) < 400
     subprocess.run(["mount", "-o", "remount,size=20m", str(small_disk)], check=True)
     mark = len(runner.executions())
-    again = run_env(runner, "job.py", 3, 400)
+    again = runner.run("job.py", 3, 400, check=False)
     assert again.returncode == 0, again.stderr
     assert not kept.intersection(runner.executions()[mark:])
-    assert len(load_output(small_disk / "out.pkl")) == 400
+    assert len(seed_load(small_disk / "out.pkl")) == 400
 
 
 def damaged_run(runner):
@@ -241,7 +209,7 @@ def damaged_run(runner):
             return 'r%d' % x * 20
         mpimap(work, range(30), 'out.pkl')
     """)
-    assert run_env(runner, "job.py", 3).returncode != 0
+    assert runner.run("job.py", 3, check=False).returncode != 0
     open(runner.path("fixed"), "w").close()
     run_dir = runner.path("out.pkl.mpi")
     journals = sorted(os.path.join(run_dir, p) for p in os.listdir(run_dir) if p.startswith("journal-"))
@@ -306,13 +274,13 @@ def test_damaged_cache_is_reported_and_only_the_damage_recomputed(runner, damage
     _run_dir, journals = damaged_run(runner)
     named, lost = damage(journals)
     mark = len(runner.executions())
-    proc = run_env(runner, "job.py", 3)
+    proc = runner.run("job.py", 3, check=False)
     assert proc.returncode == 0, proc.stderr
     if named:
         assert str(named) in proc.stderr, proc.stderr
     rerun = runner.executions()[mark:]
     assert 29 in rerun and len(rerun) == 1 + lost, rerun
-    assert [r for (_, _, r) in load_output(runner.path("out.pkl"))] == [f"r{x}" * 20 for x in range(30)]
+    assert [r for (_, _, r) in seed_load(runner.path("out.pkl"))] == [f"r{x}" * 20 for x in range(30)]
 
 
 def test_half_written_output_is_written_again_from_the_store(runner):
@@ -321,13 +289,13 @@ def test_half_written_output_is_written_again_from_the_store(runner):
     data = open(runner.path("out.pkl"), "rb").read()
     open(runner.path("out.pkl"), "wb").write(data[: len(data) // 2])
     mark = len(runner.executions())
-    proc = run_env(runner, "job.py", 3, 100)
+    proc = runner.run("job.py", 3, 100, check=False)
     assert proc.returncode == 0, proc.stderr
-    assert len(load_output(runner.path("out.pkl"))) == 100
+    assert len(seed_load(runner.path("out.pkl"))) == 100
     assert runner.executions()[mark:] == []              # the results came from the store, none recomputed
     os.unlink(runner.path("out.pkl"))                    # and so does a deleted output
-    assert run_env(runner, "job.py", 3, 100).returncode == 0 and runner.executions()[mark:] == []
-    assert len(load_output(runner.path("out.pkl"))) == 100
+    assert runner.run("job.py", 3, 100, check=False).returncode == 0 and runner.executions()[mark:] == []
+    assert len(seed_load(runner.path("out.pkl"))) == 100
 
 
 def test_code_change_warns_in_scripts(runner):
@@ -341,8 +309,8 @@ def test_code_change_warns_in_scripts(runner):
             return x * K
         print(mpimap(work, range(8), 'out.pkl'))
     """)
-    assert run_env(runner, "job.py", 3).returncode != 0
+    assert runner.run("job.py", 3, check=False).returncode != 0
     open(runner.path("fixed"), "w").close()
-    proc = run_env(runner, "job.py", 3, K="2")
+    proc = runner.run("job.py", 3, check=False, env={"K": "2"})
     assert proc.returncode == 0 and "code changed" in proc.stderr and "reusing the cached results" in proc.stderr
     assert "[0, 1, 2, 3, 4, 10, 6, 7]" in proc.stdout        # documented 'warn' policy: reuse, recompute failures

@@ -47,8 +47,9 @@ def test_two_runs_reaching_the_engines_in_different_orders_stop_instead_of_mixin
             half.apply_async(clustermod.run_task, second, 2), rest.apply_async(clustermod.run_task, first, 1)]
     for run in runs:
         for data in run.get(timeout=60):
-            reply = cloudpickle.loads(data)
-            assert not reply.ok and "received different runs" in reply.message
+            _rank, outcome = cloudpickle.loads(data)
+            assert not outcome.ok and outcome.error_type == "WorkerError" and "received different runs" in \
+                outcome.message
     assert not (tmp_path / "a.pkl").exists() and not (tmp_path / "b.pkl").exists()
     assert shell.run_cell_magic("mpimap", f"{ON} after.pkl for x in range(4)", "-x\n") == [0, -1, -2, -3]
 

@@ -13,7 +13,7 @@ import time
 import pytest
 
 from conftest import REPO
-from mpitasker_ext import lock, progress, rundir, widget
+from mpitasker_ext import follow, lock, progress, rundir
 from mpitasker_ext.errors import RunLocked
 from mpitasker_ext.tasker import Tasker
 
@@ -234,7 +234,7 @@ def test_a_no_wait_view_follows_the_new_run_past_an_old_interrupted_status(run):
                  started=time.time() - 600, updated=time.time() - 500)
     view = RecordingView()
     since = time.time()
-    follower = widget.Follower(run.output, view, background=True, since=since)
+    follower = follow.Follower(run.output, view, background=True, since=since)
     time.sleep(1.0)
     assert view.closed == [], "the view closed on the previous run's status"
     worker = threading.Thread(target=lambda: Tasker("serial", progress=False).map(run.output, _slow, range(30)))

@@ -1,25 +1,19 @@
 """%%mpimap and %mpicluster against a real ipcluster of MPI engines (started once per session)."""
 
 import os
-import pickle
 import shutil
 import sys
 import textwrap
 
 import pytest
-from IPython.core.error import UsageError
+from IPython.core.error import UsageError as IPythonUsageError
 
-from conftest import CLUSTER_ENGINES, CLUSTER_PROFILE
-from mpitasker_ext import CodeChanged, JobsFailed
+from conftest import CLUSTER_ENGINES, CLUSTER_PROFILE, seed_load
+from mpitasker_ext import CodeChanged, JobsFailed, UsageError
+from mpitasker_ext.errors import ClusterError
 from mpitasker_ext.magics import MPIMapMagics
 
 ON = f"--profile {CLUSTER_PROFILE}"
-
-
-def load(path):
-    with open(path, "rb") as f:
-        data = pickle.load(f)
-    return data if len(data) > 1 else data[0]
 
 
 def test_cell_becomes_a_job_with_its_notebook_closure(shell, mpi_cluster, tmp_path):
@@ -46,7 +40,7 @@ def test_cell_becomes_a_job_with_its_notebook_closure(shell, mpi_cluster, tmp_pa
     assert result is None
     expected = [(2 * (3 * o + g * g), g * g) for o in [1.0, 2.0] for g in [0.5, 1.5, 2.5]]
     assert shell.user_ns["spectra"] == expected
-    triples = load(tmp_path / "sweep.pkl")
+    triples = seed_load(tmp_path / "sweep.pkl")
     assert [t[1] for t in triples] == [[(o, g)] for o in [1.0, 2.0] for g in [0.5, 1.5, 2.5]]
     assert not (tmp_path / "sweep.pkl.mpi").exists()
 
@@ -92,7 +86,7 @@ def test_rerun_reuses_cache_and_code_change_asks_for_a_choice(shell, mpi_cluster
     assert shell.run_cell_magic("mpimap", f"{ON} c.pkl for x in range(10)", cell) == [2 * x for x in range(10)]
     assert len(log.read_text().split()) == 10
     shell.user_ns["k"] = 3                       # a value the cell uses changed
-    with pytest.raises(CodeChanged, match="--force.*--reuse"):
+    with pytest.raises(CodeChanged, match=r"\(--force\).*\(--reuse\)"):
         shell.run_cell_magic("mpimap", f"{ON} c.pkl for x in range(10)", cell)
     assert shell.run_cell_magic("mpimap", f"{ON} --reuse c.pkl for x in range(10)", cell) == \
         [2 * x for x in range(10)]
@@ -106,7 +100,9 @@ def test_job_errors_show_index_argument_and_cell_line(shell, mpi_cluster, tmp_pa
     with pytest.raises(JobsFailed) as info:
         shell.run_cell_magic("mpimap", f"{ON} --retries 1 f.pkl for x in range(10)", cell)
     message = str(info.value)
-    assert "indices 3, 7" in message and "job 3 with argument 3" in message
+    assert info.value.indices == [3, 7] and info.value.total == 10
+    assert "2 of 10 jobs failed: indices 3, 7" in message and "job 3 with argument 3" in message
+    assert "--retries N" in message and "retries=N" not in message   # the magic's spelling
     assert 'File "<mpimap cell>", line 3' in message and "raise ValueError(f'bad {x}')" in message
     rendered = "\n".join(info.value._render_traceback_())
     assert rendered.startswith("JobsFailed: 2 of 10 jobs failed") and "magics.py" not in rendered
@@ -127,7 +123,7 @@ def test_serial_fallback_without_a_cluster_warns(shell, tmp_path, capsys):
     values = magics.mpimap("-o r serial.pkl for a, b in [(1, 2), (3, 4)]", "a * b")
     assert values is None and shell.user_ns["r"] == [2, 12]
     assert "no MPI cluster found" in capsys.readouterr().err
-    assert load(tmp_path / "serial.pkl") == [(0, [(1, 2)], 2), (1, [(3, 4)], 12)]
+    assert seed_load(tmp_path / "serial.pkl") == [(0, [(1, 2)], 2), (1, [(3, 4)], 12)]
 
 
 BAD_LINES = [
@@ -163,10 +159,11 @@ def test_malformed_lines_launch_nothing_and_write_nothing(shell, mpi_cluster, tm
     os.remove(tmp_path / "ok.pkl.code.json")
     shutil.rmtree(tmp_path / "ok.pkl.cache")
     magics = shell.magics_manager.registry["MPIMapMagics"]
-    sent_before = len(magics._client.history)
-    with pytest.raises(UsageError, match=message):
+    sent_before = len(magics.session.client.history)
+    expected = IPythonUsageError if cell == "" else UsageError        # IPython itself refuses an empty cell
+    with pytest.raises(expected, match=message):
         shell.run_cell_magic("mpimap", f"{ON} {line}", cell)
-    assert len(magics._client.history) == sent_before
+    assert len(magics.session.client.history) == sent_before
     assert os.listdir(tmp_path) == []
 
 
@@ -181,3 +178,14 @@ def test_mpicluster_status_reports_one_world(shell, mpi_cluster, capsys):
     shell.run_line_magic("mpicluster", f"status {ON}")
     out = capsys.readouterr().out
     assert f"{CLUSTER_ENGINES} engines in one MPI world" in out and "rank 0" in out
+
+
+def test_mpicluster_names_a_missing_cluster_and_stops_nothing_it_did_not_start(shell, capsys):
+    magics = MPIMapMagics(shell)
+    with pytest.raises(ClusterError, match="no cluster is running for profile 'nosuch'.*%mpicluster start"):
+        magics.mpicluster("status --profile nosuch")
+    magics.mpicluster("stop")
+    magics.mpicluster("stop --profile nosuch")
+    assert capsys.readouterr().out.splitlines() == [
+        "no cluster was started by this kernel; give --profile/--cluster-id to stop another one",
+        "no cluster is running for profile 'nosuch'"]

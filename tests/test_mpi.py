@@ -3,7 +3,6 @@
 import collections
 import json
 import os
-import pickle
 import random
 import re
 import signal
@@ -14,31 +13,9 @@ import time
 
 import pytest
 
-from conftest import COUNTING_JOB, REPO
+from conftest import COUNTING_JOB, REPO, seed_load, wait_lock_holder_gone
 
 SEED_DIR = os.path.join(os.path.dirname(REPO), "shared", "reference", "seed_tasker")
-
-
-def load_output(path):
-    """The seed's own load(): a 1-tuple unwraps to its element."""
-    with open(path, "rb") as f:
-        data = pickle.load(f)
-    return data if len(data) > 1 else data[0]
-
-
-def wait_for_lock_holder_to_die(run_dir, timeout=15):
-    """mpiexec dies at once; its ranks a moment later. Until then the lock rightly refuses a rerun."""
-    from mpitasker_ext.lock import pid_alive
-    from mpitasker_ext.rundir import LOCK
-    try:
-        with open(os.path.join(run_dir, LOCK)) as f:
-            pid = json.load(f)["pid"]
-    except FileNotFoundError:
-        return
-    deadline = time.time() + timeout
-    while pid_alive(pid) and time.time() < deadline:
-        time.sleep(0.05)
-    assert not pid_alive(pid), f"rank 0 (pid {pid}) survived the kill of mpiexec"
 
 
 def test_seed_job_matches_the_reference_tasker(runner):
@@ -53,7 +30,7 @@ def test_seed_job_matches_the_reference_tasker(runner):
     assert sorted(line for line in proc.stdout.splitlines() if line.startswith("GOT")) == \
         [f"GOT {r} 100 (7, [7], '7')" for r in range(4)]
     assert not os.path.exists(runner.path("foo.pkl.mpi"))
-    ours = load_output(runner.path("foo.pkl"))
+    ours = seed_load(runner.path("foo.pkl"))
     assert ours == [(i, [i], str(i)) for i in range(100)]
     if os.path.isdir(SEED_DIR):
         ref = runner.path("ref")
@@ -63,7 +40,7 @@ def test_seed_job_matches_the_reference_tasker(runner):
                 dst.write(src.read())
         subprocess.run([runner.mpiexec, "-n", "4", sys.executable, "-u", "job.py"], cwd=ref, check=True,
                        capture_output=True, timeout=120)
-        assert load_output(os.path.join(ref, "foo.pkl")) == ours
+        assert seed_load(os.path.join(ref, "foo.pkl")) == ours
 
 
 @pytest.mark.parametrize("n", [1, 2, 3])
@@ -81,7 +58,7 @@ def test_small_worlds_and_closures_over_locals(runner, n):
     """)
     proc = runner.run("job.py", n)
     assert proc.stdout.count("True") == n and "False" not in proc.stdout
-    assert load_output(runner.path("out.pkl"))[39] == (39, [39], 117)
+    assert seed_load(runner.path("out.pkl"))[39] == (39, [39], 117)
 
 
 def test_exceptions_inside_with_tasker_propagate(runner):
@@ -120,7 +97,7 @@ def test_failing_jobs_are_listed_and_rerun_alone(runner):
     open(runner.path("fixed"), "w").close()
     runner.run("job.py", 4)
     assert sorted(runner.executions()[60:]) == [3, 13, 23, 33, 43, 53]
-    assert [r for (_, _, r) in load_output(runner.path("out.pkl"))] == [-x for x in range(60)]
+    assert [r for (_, _, r) in seed_load(runner.path("out.pkl"))] == [-x for x in range(60)]
 
 
 WHERE_JOB = """
@@ -177,16 +154,14 @@ def test_a_failed_job_names_the_rank_and_host_it_ran_on(runner):
 
 def test_resume_after_kill_9_of_mpiexec_redoes_no_finished_job(runner):
     runner.write("job.py", COUNTING_JOB)
-    env = dict(os.environ, DELAY="0.003", PYTHONPATH=REPO)
-    proc = subprocess.Popen(runner.command("job.py", 4, 2000), cwd=runner.workdir, env=env,
-                            start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = runner.start("job.py", 4, 2000, env={"DELAY": "0.003"})
     deadline = time.time() + 60
     target = random.randint(200, 1200)            # a random moment, measured in finished jobs
     while len(runner.executions()) < target and time.time() < deadline:
         time.sleep(0.01)
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
-    wait_for_lock_holder_to_die(runner.path("out.pkl.mpi"))
+    wait_lock_holder_gone(runner.path("out.pkl.mpi"))
     assert not os.path.exists(runner.path("out.pkl")), "the kill came after the end"
     before = set(runner.executions())
     assert 0 < len(before) < 2000
@@ -195,32 +170,26 @@ def test_resume_after_kill_9_of_mpiexec_redoes_no_finished_job(runner):
     assert set(runs) == set(range(2000))
     repeated = [i for i, c in runs.items() if c > 1]
     assert len(repeated) <= 6, f"jobs run twice: {repeated}"       # at most the ones in flight at the kill
-    assert [r for (_, _, r) in load_output(runner.path("out.pkl"))] == [x * 10 for x in range(2000)]
-
-
-def run_with_env(runner, script, n, *args, **env):
-    env = dict(os.environ, PYTHONPATH=REPO, **env)
-    return subprocess.run(runner.command(script, n, *args), cwd=runner.workdir, env=env, capture_output=True,
-                          text=True, timeout=120)
+    assert [r for (_, _, r) in seed_load(runner.path("out.pkl"))] == [x * 10 for x in range(2000)]
 
 
 def test_changed_args_recompute_only_the_changed_job_from_output(runner):
     runner.write("job.py", COUNTING_JOB)
     runner.run("job.py", 4, 30)
-    assert run_with_env(runner, "job.py", 4, 30, SHIFT="7").returncode == 0
+    assert runner.run("job.py", 4, 30, check=False, env={"SHIFT": "7"}).returncode == 0
     assert runner.executions()[30:] == [7]
-    out = load_output(runner.path("out.pkl"))
+    out = seed_load(runner.path("out.pkl"))
     assert out[7] == (7, [(7, "new")], ("changed", (7, "new"))) and out[8] == (8, [8], 80)
 
 
 def test_changed_args_recompute_only_the_changed_job_from_journals(runner):
     runner.write("job.py", COUNTING_JOB.replace("return x * 10", "if x == 29 and not SHIFT: raise KeyError(x)\n"
                                                 "        return x * 10"))
-    assert run_with_env(runner, "job.py", 4, 30).returncode != 0
+    assert runner.run("job.py", 4, 30, check=False).returncode != 0
     assert os.path.isdir(runner.path("out.pkl.mpi")) and len(runner.executions()) == 30
-    assert run_with_env(runner, "job.py", 4, 30, SHIFT="7").returncode == 0
+    assert runner.run("job.py", 4, 30, check=False, env={"SHIFT": "7"}).returncode == 0
     assert sorted(runner.executions()[30:]) == [7, 29]
-    assert load_output(runner.path("out.pkl"))[29] == (29, [29], 290)
+    assert seed_load(runner.path("out.pkl"))[29] == (29, [29], 290)
 
 
 def test_truncated_record_is_recomputed(runner):
@@ -241,7 +210,7 @@ def test_truncated_record_is_recomputed(runner):
     rerun = runner.executions()[30:]
     assert sorted(rerun) == sorted([29, torn_index])   # the failed job and the one whose record was torn
     assert "torn tail" in proc.stderr
-    assert [r for (_, _, r) in load_output(runner.path("out.pkl"))] == [x * 10 for x in range(30)]
+    assert [r for (_, _, r) in seed_load(runner.path("out.pkl"))] == [x * 10 for x in range(30)]
 
 
 def test_serial_fallback_without_mpi4py(runner):

@@ -11,7 +11,7 @@ import pytest
 from jupyter_client.manager import start_new_kernel
 from nbclient import NotebookClient
 
-from conftest import BIN, CLUSTER_PROFILE, REPO
+from conftest import BIN, CLUSTER_PROFILE, REPO, seed_load
 
 EXAMPLES = os.path.join(REPO, "examples")
 
@@ -35,8 +35,11 @@ def test_quickstart_notebook_starts_its_own_cluster_and_reuses_the_cache(tmp_pat
     text = outputs(nb)
     assert "started cluster" in text and "4 MPI engines" in text
     assert "20 results in" in text and "3 MPI workers" in text
-    assert "omega=1.00 gamma=0.00" in text and "cluster stopped" in text
-    triples = pickle_load(tmp_path / "quickstart.pkl")
+    assert "omega=1.00 gamma=0.00" in text
+    stop = [out.get("text", "") for out in nb.cells[-1].outputs]        # the cell ending in %mpicluster stop
+    assert len(stop) == 1 and len(stop[0].splitlines()) == 1 and "stopped" in stop[0], stop
+    assert "exit_code" not in text and "Output for" not in text
+    triples = seed_load(tmp_path / "quickstart.pkl")
     assert len(triples) == 20 and triples[0][1] == [(0.5, 0.0)]
 
 
@@ -50,11 +53,27 @@ def test_parameter_sweep_notebook_on_the_running_cluster(tmp_path, mpi_cluster):
     assert "{0.1: 10.0," in text
 
 
-def pickle_load(path):
-    import pickle
-    with open(path, "rb") as f:
-        data = pickle.load(f)
-    return data if len(data) > 1 else data[0]
+def test_failed_jobs_in_a_notebook_keep_the_count_the_spelling_and_a_proportional_bar(tmp_path, mpi_cluster):
+    """3 of 180 jobs fail: JobsFailed carries the map's size, the advice uses the magic's options, and the
+    widget's bar is mostly green with a sliver of red."""
+    nb = nbformat.v4.new_notebook()
+    nb.cells = [nbformat.v4.new_code_cell("%load_ext mpitasker_ext"),
+                nbformat.v4.new_code_cell(f"%%mpimap --profile {CLUSTER_PROFILE} fails.pkl for x in range(180)\n"
+                                          "if x in (5, 60, 120):\n    raise ValueError(f'bad {x}')\nx"),
+                nbformat.v4.new_code_cell("import sys\nerr = sys.last_value\n"
+                                          "print(type(err).__name__, err.total, err.indices)")]
+    nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
+    NotebookClient(nb, timeout=300, kernel_name="python3", allow_errors=True,
+                   resources={"metadata": {"path": str(tmp_path)}}).execute()
+    [error] = [out for out in nb.cells[1].outputs if out.output_type == "error"]
+    shown = "\n".join(error.traceback)
+    assert error.ename == "JobsFailed" and error.evalue.startswith("3 of 180 jobs failed: indices 5, 60, 120")
+    assert "--retries N" in shown and "retries=N" not in shown and "magics.py" not in shown
+    assert "".join(out.get("text", "") for out in nb.cells[2].outputs) == "JobsFailed 180 [5, 60, 120]\n"
+    states = nb.metadata["widgets"]["application/vnd.jupyter.widget-state+json"]["state"].values()
+    [bar] = [m["state"]["value"] for m in states if "mpitasker-bar'" in str(m["state"].get("value", ""))]
+    assert "class='mpitasker-bar-done' data-fraction='0.983333'" in bar
+    assert "class='mpitasker-bar-failed' data-fraction='0.016667'" in bar
 
 
 @pytest.fixture
@@ -140,10 +159,10 @@ def test_engines_that_are_not_one_mpi_world_are_refused(tmp_path):
         code = (f"import os; os.chdir({str(tmp_path)!r})\n"
                 "from IPython.core.interactiveshell import InteractiveShell\n"
                 "ip = InteractiveShell.instance(); ip.run_line_magic('load_ext', 'mpitasker_ext')\n"
-                "from IPython.core.error import UsageError\n"
+                "from mpitasker_ext.errors import ClusterError\n"
                 "try:\n"
                 f"    ip.run_cell_magic('mpimap', '--profile {profile} o.pkl for x in range(4)', 'x')\n"
-                "except UsageError as exc:\n"
+                "except ClusterError as exc:\n"
                 "    print('REFUSED', exc)\n")
         proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
         assert "REFUSED" in proc.stdout and "not one MPI world" in proc.stdout, proc.stdout + proc.stderr
@@ -160,7 +179,7 @@ def test_a_dying_engine_is_reported_with_the_jobs_it_ran(tmp_path, monkeypatch):
 
     from IPython.core.interactiveshell import InteractiveShell
 
-    from mpitasker_ext.cluster import EnginesDied
+    from mpitasker_ext.errors import EnginesDied
     ipcluster = os.path.join(BIN, "ipcluster")
     profile = "doomed"
     subprocess.run([ipcluster, "start", "--engines=MPI", "-n=4", "--daemonize", f"--profile={profile}"],

@@ -14,7 +14,7 @@ from conftest import REPO
 from mpitasker_ext import identity, journal, rundir
 from mpitasker_ext import progress as pm
 from mpitasker_ext import status as sm
-from mpitasker_ext.widget import ProgressWidget, TextProgress
+from mpitasker_ext.views import ProgressWidget, TextProgress
 
 PAUSING_JOB = """
     import os, sys, time
@@ -43,15 +43,9 @@ def wait_for(predicate, timeout=60, step=0.05):
     raise AssertionError("condition not reached in time")
 
 
-def start(runner, script, n):
-    return subprocess.Popen(runner.command(script, n), cwd=runner.workdir, start_new_session=True,
-                            env=dict(os.environ, PYTHONPATH=REPO), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True)
-
-
 def test_model_counts_at_a_paused_moment_and_at_the_end(runner):
     runner.write("job.py", PAUSING_JOB)
-    proc = start(runner, "job.py", 3)
+    proc = runner.start("job.py", 3)
     out = runner.path("out.pkl")
     paused = wait_for(lambda: (p := pm.read_progress(out)).done == 20 and p.running == 2 and p)
     assert paused.state == "running" and paused.total == 60 and paused.failed == 0
@@ -73,7 +67,7 @@ def test_model_counts_at_a_paused_moment_and_at_the_end(runner):
 
 def test_killed_run_reads_as_stale_with_counts_from_the_journals(runner):
     runner.write("job.py", PAUSING_JOB)
-    proc = start(runner, "job.py", 3)
+    proc = runner.start("job.py", 3)
     out = runner.path("out.pkl")
     wait_for(lambda: pm.read_progress(out).done == 20)
     os.killpg(proc.pid, signal.SIGKILL)
@@ -190,7 +184,7 @@ def test_widget_view_renders_the_model():
     widget = ProgressWidget("sweep")
     widget.update(pm.from_status(sample_status(), now=1012.0))
     assert "40/100" in widget.counts.value and "data-total='100'" in widget.counts.value
-    assert widget.bar.value == pytest.approx(0.42)
+    assert "data-fraction='0.400000'" in widget.bar.value and "data-fraction='0.020000'" in widget.bar.value
     assert "<td>41</td>" in widget.ranks.value and len(widget.failures.children) == 1
     assert widget.failures.get_title(0).startswith("job 7: ValueError")
     widget.update(pm.from_status(sample_status(failures=[{"index": 1, "error": "<b>x</b>", "traceback": "<t>"}])))
@@ -200,7 +194,7 @@ def test_widget_view_renders_the_model():
 def test_mpistatus_magic_shows_any_run_directory(runner, capsys):
     from IPython.core.interactiveshell import InteractiveShell
     runner.write("job.py", PAUSING_JOB)
-    proc = start(runner, "job.py", 3)
+    proc = runner.start("job.py", 3)
     out = runner.path("out.pkl")
     wait_for(lambda: pm.read_progress(out).done == 20)
     ip = InteractiveShell.instance()

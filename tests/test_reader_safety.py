@@ -20,7 +20,7 @@ from conftest import CHROMIUM, CHROMIUM_ARGS, REPO
 from mpitasker_ext import journal, progress, rundir
 from mpitasker_ext.payload import DamagedRecord, encode_value, read_value
 from mpitasker_ext.scan import Location, journal_records, scan_journals
-from mpitasker_ext.widget import ProgressWidget
+from mpitasker_ext.views import ProgressWidget
 
 XSS = "<img src=x onerror=window.__pwned=1>"
 NOW = time.time()
@@ -215,11 +215,11 @@ def test_widget_html_has_no_planted_markup(tmp_path):
     widget = ProgressWidget("planted")
     for status in (MARKUP_STATUS, NUMBERS_STATUS):
         widget.update(progress.from_status(status, now=NOW))
-        html = [widget.counts.value, widget.ranks.value] + [c.value for c in widget.failures.children]
+        html = [widget.bar.value, widget.counts.value, widget.ranks.value] + [c.value for c in widget.failures.children]
         assert not any("<img" in h for h in html), html
     model = progress.from_status(MARKUP_STATUS, now=NOW)
     model.ranks[0].current = XSS                            # a model built by other code is escaped too
-    from mpitasker_ext.widget import _ranks_table
+    from mpitasker_ext.views import _ranks_table
     assert "<img" not in _ranks_table(model)
 
 

@@ -6,6 +6,7 @@ import pickle
 
 import pytest
 
+from conftest import seed_load
 from mpitasker_ext import load, mpimap
 from mpitasker_ext.results import Results
 
@@ -46,9 +47,7 @@ def test_a_job_is_what_it_computes_wherever_its_argument_appears(runner):
               for grid in ("base", "extend", "reverse", "subset", "insert", "coarse", "fine")}
     assert counts == {"base": 100, "extend": 10, "reverse": 0, "subset": 0, "insert": 1, "coarse": 21, "fine": 20}
     assert not os.path.exists(runner.path("grid.pkl.mpi"))
-    with open(runner.path("grid.pkl"), "rb") as f:           # the blog post's load()
-        data = pickle.load(f)
-    data = data if len(data) > 1 else data[0]
+    data = seed_load(runner.path("grid.pkl"))
     assert [tuple(t) for t in data] == [(i, [x * 0.5], (x * 0.5) ** 2) for i, x in enumerate(range(41))]
 
 

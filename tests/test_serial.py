@@ -101,7 +101,7 @@ def test_code_change_policies(caplog):
         calls.append(x)
         return x * 100
     from mpitasker_ext import CodeChanged
-    with pytest.raises(CodeChanged, match="--force.*--reuse"):
+    with pytest.raises(CodeChanged, match="force=True.*on_code_change='reuse'"):
         mpimap(changed, [1, 2], "k2.pkl", on_code_change="error")
     calls.clear()
     with caplog.at_level(logging.WARNING):

@@ -84,9 +84,7 @@ def server(tmp_path):
 def start_run(runner, server, jobs, delay):
     runner.workdir = str(server.root)
     runner.write("job.py", SLOW_JOB)
-    return subprocess.Popen(runner.command("job.py", 3, jobs, delay), cwd=str(server.root),
-                            env=dict(os.environ, PYTHONPATH=REPO), stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
+    return runner.start("job.py", 3, jobs, delay)
 
 
 def test_extension_is_enabled_by_the_install():

@@ -2,7 +2,6 @@
 and %%mpimap on ipyparallel engines that Slurm started."""
 
 import os
-import pickle
 import re
 import shutil
 import time
@@ -10,7 +9,7 @@ import time
 import pytest
 from slurm_cluster import Slurm
 
-from conftest import BIN, REPO
+from conftest import BIN, REPO, seed_load
 from mpitasker_ext.rundir import RunDir
 
 EXAMPLES = os.path.join(REPO, "examples", "slurm")
@@ -38,12 +37,6 @@ def job_env(**extra):
                 **extra)
 
 
-def load(path):
-    with open(path, "rb") as f:
-        data = pickle.load(f)
-    return data if len(data) > 1 else data[0]
-
-
 def expected(points=60):
     import itertools
     import math
@@ -64,7 +57,7 @@ def test_batch_examples_run_the_sweep(slurm, sweep_dir, script, log):
     assert state == "COMPLETED", text + slurm.logs()
     assert "60 points in sweep.pkl" in text
     assert "     3            -    20       0" in text              # three workers, twenty points each
-    assert [r for _, _, r in load(sweep_dir / "sweep.pkl")] == pytest.approx(expected())
+    assert [r for _, _, r in seed_load(sweep_dir / "sweep.pkl")] == pytest.approx(expected())
     assert not (sweep_dir / "sweep.pkl.mpi").exists()
 
 
@@ -97,7 +90,7 @@ def test_scancel_mid_run_then_resubmit_resumes(slurm, sweep_dir):
     text = output_of(sweep_dir, "sweep-{}.out", again)
     cached = int(re.search(r"finished \| 60/60 done \((\d+) cached\)", text).group(1))
     assert cached == len(kept), text                   # exactly the finished points were reused
-    assert [r for _, _, r in load(sweep_dir / "sweep.pkl")] == pytest.approx(expected())
+    assert [r for _, _, r in seed_load(sweep_dir / "sweep.pkl")] == pytest.approx(expected())
 
 
 def test_wall_time_kill_and_resubmission_chain_finish_the_sweep(slurm, sweep_dir):
@@ -112,7 +105,7 @@ def test_wall_time_kill_and_resubmission_chain_finish_the_sweep(slurm, sweep_dir
     assert slurm.wait(jobs[1], timeout=240) == "COMPLETED", slurm.logs()
     text = output_of(sweep_dir, "sweep-{}.out", jobs[1])
     assert re.search(r"finished \| 60/60 done \((\d+) cached\)", text).group(1) == str(len(kept))
-    assert [r for _, _, r in load(sweep_dir / "sweep.pkl")] == pytest.approx(expected())
+    assert [r for _, _, r in seed_load(sweep_dir / "sweep.pkl")] == pytest.approx(expected())
     assert slurm.wait(jobs[2], timeout=60) == "CANCELLED"       # not needed: dropped by its dependency
 
 
@@ -134,15 +127,16 @@ def test_mpimap_on_ipyparallel_slurm_engines(slurm, tmp_path, monkeypatch):
 
 
 def test_slurm_engines_without_mpi_plugin_get_the_fix_named(slurm, tmp_path, monkeypatch):
-    from IPython.core.error import UsageError
     from IPython.core.interactiveshell import InteractiveShell
+
+    from mpitasker_ext.errors import ClusterError
     monkeypatch.setenv("SLURM_CONF", slurm.conf)
     monkeypatch.setenv("SLURM_MPI_TYPE", "none")
     monkeypatch.chdir(tmp_path)
     ip = InteractiveShell.instance()
     ip.run_line_magic("load_ext", "mpitasker_ext")
     try:
-        with pytest.raises(UsageError, match="SLURM_MPI_TYPE=pmi2"):
+        with pytest.raises(ClusterError, match="SLURM_MPI_TYPE=pmi2.*The engines were stopped"):
             ip.run_line_magic("mpicluster", "start -n 3 --engines slurm --profile slurmnompi")
     finally:
         ip.run_line_magic("mpicluster", "stop --profile slurmnompi")

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 import mpitasker_ext
+from conftest import seed_load
 from mpitasker_ext import files, identity, journal, payload, progress, rundir, store
 from mpitasker_ext import results as resultsmod
 from mpitasker_ext import scan as scanmod
@@ -357,13 +358,6 @@ def test_compact_keeps_exactly_the_kept_digests(tmp_path):
 
 # -- the streamed output -------------------------------------------------------------------------------------------
 
-def blog_load(path):
-    """The blog post's reader."""
-    with open(path, "rb") as f:
-        d = pickle.load(f)
-    return d if len(d) > 1 else d[0]
-
-
 def test_write_output_streams_one_result_at_a_time(tmp_path):
     output = str(tmp_path / "big.pkl")
     live = []
@@ -381,7 +375,7 @@ def test_write_output_streams_one_result_at_a_time(tmp_path):
         tracemalloc.stop()
     assert peak < 40 * 2**20, peak                                     # 400 MB written, a few results held
     assert live == list(range(200))
-    data = blog_load(output)
+    data = seed_load(output)
     assert len(data) == 200 and all(t[0] == i and t[1] == [i] and (t[2] == i).all() for i, t in enumerate(data))
     assert [n for n in os.listdir(tmp_path) if n != "big.pkl"] == []
 
@@ -393,7 +387,7 @@ def test_write_output_falls_back_for_cycles_and_notebook_classes(tmp_path, caplo
     point = notebook_class()
     with caplog.at_level(logging.INFO, logger="mpitasker_ext.results"):
         write_output(output, 3, lambda i: (i, [i], [cyclic, point(5), "plain"][i]))
-    data = blog_load(output)
+    data = seed_load(output)
     assert data[0][2][1] is data[0][2] and data[1][2].x == 5 and data[2] == (2, [2], "plain")
     assert "cannot stream" in caplog.text
 
@@ -414,7 +408,7 @@ def test_write_output_passes_on_what_the_source_raises(tmp_path):
 def test_single_result_output_reads_in_the_blog_format(tmp_path):
     output = str(tmp_path / "one.pkl")
     write_output(output, 1, lambda i: (0, ["x"], {"r": 1}))
-    assert blog_load(output) == [(0, ["x"], {"r": 1})]
+    assert seed_load(output) == [(0, ["x"], {"r": 1})]
 
 
 # -- progress counts through the scan ------------------------------------------------------------------------------

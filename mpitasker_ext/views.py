@@ -1,23 +1,17 @@
 """Views of the progress model: an ipywidgets panel, or text when widgets cannot render.
 
 The choice is made once (``make_view``), so callers never branch: they call ``view.update(progress)`` and
-``view.close(progress)``. Both views are pure renderings of ``progress.Progress``; neither reads files.
+``view.close(progress)``. Both views are pure renderings of ``progress.Progress``; neither reads files (what
+feeds them lives in ``follow``).
 """
 
 import html
-import logging
-import os
 import sys
-import threading
 import time
 
 from . import progress as progressmod
 
-log = logging.getLogger(__name__)
-
-REFRESH_SECONDS = 0.5  # <= 2 Hz
 LOG_EVERY_SECONDS = 30.0
-FOLLOW_SLACK = 3.0  # seconds a run's host clock may lag the kernel's before its run looks older than `since`
 
 
 def widgets_available():
@@ -71,22 +65,10 @@ class TextProgress:
         self.stream.flush()
 
 
-class StatusMonitor:
-    """Rank 0's own text view in script mode: fed each status dict the scheduler writes."""
-
-    def __init__(self, stream=None, every=LOG_EVERY_SECONDS):
-        self.view = TextProgress(stream, every)
-
-    def __call__(self, status):
-        progress = progressmod.from_status(status)
-        if progress.state == progressmod.RUNNING:
-            self.view.update(progress)
-        else:
-            self.view.close(progress)
-
-
 _STATE_COLORS = {"running": "#1976d2", "finished": "#2e7d32", "failed": "#c62828", "stale": "#ef6c00",
                  "interrupted": "#ef6c00", "error": "#c62828", "missing": "#757575"}
+_DONE_COLORS = {**_STATE_COLORS, "failed": "#2e7d32", "error": "#ef6c00"}  # the bar's done part: failures are apart
+_FAILED_COLOR = "#c62828"
 
 
 class ProgressWidget:
@@ -98,7 +80,7 @@ class ProgressWidget:
 
         self._w = w
         self.title = w.HTML(f"<b>{html.escape(title)}</b>")
-        self.bar = w.FloatProgress(value=0.0, min=0.0, max=1.0, layout=w.Layout(width="35%", min_width="200px"))
+        self.bar = w.HTML(bar_html(None), layout=w.Layout(width="35%", min_width="200px"))
         self.counts = w.HTML()
         self.counts.add_class("mpitasker-counts")
         self.ranks = w.HTML()
@@ -112,8 +94,7 @@ class ProgressWidget:
 
     def update(self, progress):
         color = _STATE_COLORS.get(progress.state, "#1976d2")
-        self.bar.value = progress.fraction
-        self.bar.style.bar_color = color
+        self.bar.value = bar_html(progress)
         parts = progressmod.summary_parts(progress)
         self.counts.value = (f"<span class='mpitasker-state' style='color:{color}'><b>"
                              f"{_esc(progress.state)}</b></span> "
@@ -134,6 +115,31 @@ class ProgressWidget:
         self.update(progress)
 
 
+def bar_fractions(progress):
+    """The parts of the bar: (done, failed), each a fraction of all jobs, so 3 failed jobs of 180 are a sliver
+    of red beside the green, not a red bar."""
+    if progress is None:
+        return 0.0, 0.0
+    if not progress.total:
+        return (1.0 if progress.state == progressmod.FINISHED else 0.0), 0.0
+    done = min(max(progress.done / progress.total, 0.0), 1.0)
+    return done, min(max(progress.failed / progress.total, 0.0), 1.0 - done)
+
+
+def bar_html(progress):
+    """A bar in two colours, the done part and the failed part side by side, in proportion; any failure stays
+    visible (at least 2 px)."""
+    done, failed = bar_fractions(progress)
+    color = _DONE_COLORS.get(progress.state if progress else "running", _STATE_COLORS["running"])
+    failed_style = f"width:{failed * 100:.3f}%;min-width:2px" if failed else "width:0"
+    return ("<div class='mpitasker-bar' style='display:flex;height:14px;margin-top:6px;background:#e0e0e0;"
+            "border-radius:3px;overflow:hidden'>"
+            f"<div class='mpitasker-bar-done' data-fraction='{done:.6f}' "
+            f"style='width:{done * 100:.3f}%;background:{color}'></div>"
+            f"<div class='mpitasker-bar-failed' data-fraction='{failed:.6f}' "
+            f"style='{failed_style};background:{_FAILED_COLOR}'></div></div>")
+
+
 def _esc(value):
     """Any value bound for HTML, numbers included: the model may come from a planted status file."""
     return html.escape(str(value), quote=True)
@@ -149,62 +155,3 @@ def _ranks_table(progress):
         for r in progress.ranks)
     return ("<table style='font-size:90%'><tr><th>rank</th><th>current job</th><th>done</th><th>failed</th></tr>"
             f"{rows}</table>")
-
-
-class Follower:
-    """Refresh a view from a run directory at <= 2 Hz until the run is no longer running (or stop()).
-
-    ``since`` (wall-clock time the run was submitted): snapshots of an earlier run on the same output, which
-    the directory still shows until the new run writes its status, are not drawn and do not end the view."""
-
-    def __init__(self, output, view, background=False, since=None):
-        self.output = output
-        self.view = view
-        self.since = since
-        self._stop = threading.Event()
-        self._closed = threading.Lock()
-        self._thread = None
-        if background:
-            self._thread = threading.Thread(target=self.follow, name="mpitasker-progress", daemon=True)
-            self._thread.start()
-
-    def refresh(self):
-        """Redraw from the run directory; nothing is drawn until the run has started."""
-        snapshot = progressmod.read_progress(self.output)
-        if self._ours(snapshot):
-            self.view.update(snapshot)
-        return snapshot
-
-    def follow(self):
-        while not self._stop.is_set():
-            snapshot = progressmod.read_progress(self.output)
-            if self._ours(snapshot):
-                if snapshot.state != progressmod.RUNNING:
-                    self._close(snapshot)
-                    return
-                self.view.update(snapshot)
-            self._stop.wait(REFRESH_SECONDS)
-
-    def _ours(self, snapshot):
-        """Drawable, and of the followed run (not what an earlier run left there)."""
-        if snapshot.state == progressmod.MISSING:
-            return False
-        if self.since is None:
-            return True
-        return snapshot.started is not None and snapshot.started >= self.since - FOLLOW_SLACK
-
-    def stop(self):
-        self._stop.set()
-        if self._thread is not None and self._thread is not threading.current_thread():
-            self._thread.join(5)
-        self._close(progressmod.read_progress(self.output))
-
-    def _close(self, snapshot):
-        """The final state, drawn once."""
-        if snapshot.state != progressmod.MISSING and self._closed.acquire(blocking=False):
-            self.view.close(snapshot)
-
-
-def status_view_for(path):
-    """For %mpistatus: a live view of one run (the widget in a kernel, text elsewhere)."""
-    return Follower(path, make_view(os.path.basename(os.fspath(path))), background=True)
