@@ -5,6 +5,7 @@ import sys
 import time
 
 from . import progress as progressmod
+from .status import MISSING, RUNNING
 
 
 def _status(opts):
@@ -16,8 +17,8 @@ def _status(opts):
             sys.stdout.write("\x1b[H\x1b[J" + text + "\n")
         else:
             print(text, flush=True)
-        if not opts.watch or snapshot.state != progressmod.RUNNING:
-            return 1 if snapshot.state == progressmod.MISSING else 0
+        if not opts.watch or snapshot.state != RUNNING:
+            return 1 if snapshot.state == MISSING else 0
         time.sleep(opts.interval)
 
 

@@ -10,6 +10,7 @@ import threading
 import time
 
 from . import progress as progressmod
+from .status import MISSING, RUNNING
 from .views import make_view
 
 REFRESH_SECONDS = 0.5  # <= 2 Hz
@@ -27,7 +28,7 @@ class StatusMonitor:
 
     def __call__(self, status):
         progress = progressmod.from_status(status)
-        if progress.state != progressmod.RUNNING:
+        if progress.state != RUNNING:
             self.view.close(progress)
             return
         now = time.monotonic()
@@ -64,7 +65,7 @@ class Follower:
         while not self._stop.is_set():
             snapshot = progressmod.read_progress(self.output)
             if self._ours(snapshot):
-                if snapshot.state != progressmod.RUNNING:
+                if snapshot.state != RUNNING:
                     self._close(snapshot)
                     return
                 self.view.update(snapshot)
@@ -72,7 +73,7 @@ class Follower:
 
     def _ours(self, snapshot):
         """Drawable, and of the followed run (not what an earlier run left there)."""
-        if snapshot.state == progressmod.MISSING:
+        if snapshot.state == MISSING:
             return False
         if self.since is None:
             return True
@@ -86,7 +87,7 @@ class Follower:
 
     def _close(self, snapshot):
         """The final state, drawn once."""
-        if snapshot.state != progressmod.MISSING and self._closed.acquire(blocking=False):
+        if snapshot.state != MISSING and self._closed.acquire(blocking=False):
             self.view.close(snapshot)
 
 

@@ -22,6 +22,7 @@ from .errors import UsageError
 from .follow import REFRESH_SECONDS, Follower, StatusMonitor, follow_run
 from .results import Results
 from .rundir import RunDir
+from .status import MISSING
 from .sweep import Spelling
 from .tasker import job_list
 from .views import make_view
@@ -315,7 +316,7 @@ class MPIMapMagics(Magics):
             return
         for path in paths:
             snapshot = progressmod.read_progress(path)
-            if snapshot.state == progressmod.MISSING:
+            if snapshot.state == MISSING:
                 print(snapshot.note)
                 continue
             follow_run(path)

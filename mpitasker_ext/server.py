@@ -24,6 +24,7 @@ from tornado import web
 
 from . import progress as progressmod
 from .rundir import META_SUFFIX
+from .status import MISSING
 
 SCAN_DEPTH = 4
 SCAN_TTL = 1.0  # seconds a directory walk is reused: many browser tabs cost one walk
@@ -120,7 +121,7 @@ class RunAPI(_RunsHandler, APIHandler):
         if path is None:
             raise web.HTTPError(404, "no such run under the server root")
         data = await self.in_executor(self.index.snapshot, path)
-        if data["state"] == progressmod.MISSING:
+        if data["state"] == MISSING:
             raise web.HTTPError(404, "no such run under the server root")
         self.finish(json.dumps(data))
 
@@ -138,7 +139,7 @@ class RunPage(_RunsHandler, JupyterHandler):
     @authorized
     async def get(self, relative):
         path = self.index.resolve(relative)
-        if path is None or (await self.in_executor(progressmod.read_progress, path)).state == progressmod.MISSING:
+        if path is None or (await self.in_executor(progressmod.read_progress, path)).state == MISSING:
             raise web.HTTPError(404, "no such run under the server root")
         self.set_header("Content-Type", "text/html; charset=utf-8")
         relative = self.index.relative(path)

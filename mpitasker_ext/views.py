@@ -10,6 +10,7 @@ import sys
 import time
 
 from . import progress as progressmod
+from .status import ERROR, FAILED, FINISHED, INTERRUPTED, MISSING, RUNNING, STALE, STATES
 
 LOG_EVERY_SECONDS = 30.0
 
@@ -65,9 +66,10 @@ class TextProgress:
         self.stream.flush()
 
 
-_STATE_COLORS = {"running": "#1976d2", "finished": "#2e7d32", "failed": "#c62828", "stale": "#ef6c00",
-                 "interrupted": "#ef6c00", "error": "#c62828", "missing": "#757575"}
-_DONE_COLORS = {**_STATE_COLORS, "failed": "#2e7d32", "error": "#ef6c00"}  # the bar's done part: failures are apart
+_STATE_COLORS = {RUNNING: "#1976d2", FINISHED: "#2e7d32", FAILED: "#c62828", STALE: "#ef6c00",
+                 INTERRUPTED: "#ef6c00", ERROR: "#c62828", MISSING: "#757575"}
+assert set(_STATE_COLORS) == set(STATES)
+_DONE_COLORS = {**_STATE_COLORS, FAILED: "#2e7d32", ERROR: "#ef6c00"}  # the bar's done part: failures are apart
 _FAILED_COLOR = "#c62828"
 
 
@@ -121,7 +123,7 @@ def bar_fractions(progress):
     if progress is None:
         return 0.0, 0.0
     if not progress.total:
-        return (1.0 if progress.state == progressmod.FINISHED else 0.0), 0.0
+        return (1.0 if progress.state == FINISHED else 0.0), 0.0
     done = min(max(progress.done / progress.total, 0.0), 1.0)
     return done, min(max(progress.failed / progress.total, 0.0), 1.0 - done)
 
@@ -130,7 +132,7 @@ def bar_html(progress):
     """A bar in two colours, the done part and the failed part side by side, in proportion; any failure stays
     visible (at least 2 px)."""
     done, failed = bar_fractions(progress)
-    color = _DONE_COLORS.get(progress.state if progress else "running", _STATE_COLORS["running"])
+    color = _DONE_COLORS.get(progress.state if progress else RUNNING, _STATE_COLORS[RUNNING])
     failed_style = f"width:{failed * 100:.3f}%;min-width:2px" if failed else "width:0"
     return ("<div class='mpitasker-bar' style='display:flex;height:14px;margin-top:6px;background:#e0e0e0;"
             "border-radius:3px;overflow:hidden'>"
