@@ -1,0 +1,123 @@
+"""The finished part of a run while it goes on, read in the kernel: ``MapRun.partial()`` and ``--live FUNC``.
+
+A sweep is something people watch take shape (a resonance curve filling in), not only count. This reads what the
+run directory and the store hold so far and never writes: results are matched to jobs by argument digest, as the
+reuse rules match them, so the results an earlier run left (the store, an interrupted run) serve the jobs they
+hold from the first refresh, and each refresh reads only the frames appended since the last one.
+
+Only ok records are unpickled, and only those of the kernel's own sweep (the digest must be one of its
+arguments'): these are the results the kernel reads at the end anyway.
+"""
+
+import logging
+import os
+import time
+
+from . import scan as scanmod
+from .identity import args_digests
+from .rundir import RunDir
+from .store import ResultStore
+
+log = logging.getLogger(__name__)
+
+LIVE_INTERVAL = 1.0  # seconds between calls of a --live function: drawing a figure costs more than reading
+
+
+class LiveResults:
+    """What is finished of the sweep ``args`` on ``output``, refreshed incrementally.
+
+    ``refresh()`` reads new records and returns how many jobs gained a result; ``finished()`` gives
+    ``(indices, args, values)`` of the finished jobs in job order."""
+
+    def __init__(self, output, args):
+        self.output = os.fspath(output)
+        self.args = args
+        self._jobs = None  # digest -> job indices, computed on the first refresh (hashing the arguments once)
+        self._values = {}
+        self._read_to = {}  # journal path -> (device, inode, offset read up to)
+        self._run = RunDir(self.output)
+        self._store = ResultStore(self.output)
+
+    def _jobs_by_digest(self):
+        if self._jobs is None:
+            jobs = {}
+            for index, digest in enumerate(args_digests(self.args)):
+                jobs.setdefault(digest, []).append(index)
+            self._jobs = jobs
+        return self._jobs
+
+    def refresh(self):
+        """Read what was appended since the last refresh; return the number of jobs that gained a result."""
+        jobs = self._jobs_by_digest()
+        gained = 0
+        for path in self._store.journal_paths() + self._run.journal_paths():
+            try:
+                gained += self._read_journal(path, jobs)
+            except FileNotFoundError:
+                self._read_to.pop(path, None)  # moved into the store at the end of the run: read there
+            except OSError as exc:
+                log.debug("live results: %s unreadable now (%s); tried again next refresh", path, exc)
+        return gained
+
+    def _read_journal(self, path, jobs):
+        st = os.stat(path)
+        device, inode, start = self._read_to.get(path, (st.st_dev, st.st_ino, 0))
+        if (device, inode) != (st.st_dev, st.st_ino):
+            start = 0  # another file under the same name (compacted): read it anew
+        if start >= st.st_size:
+            return 0
+        records, read_to = scanmod.scan_appended(path, start)
+        self._read_to[path] = (st.st_dev, st.st_ino, read_to)
+        gained = 0
+        for digest, location in records:
+            waiting = [i for i in jobs.get(digest, ()) if i not in self._values]
+            if not waiting:
+                continue
+            value = scanmod.read_value(location)
+            for index in waiting:
+                self._values[index] = value
+            gained += len(waiting)
+        return gained
+
+    def __len__(self):
+        return len(self._values)
+
+    def finished(self):
+        """``(indices, args, values)`` of the jobs finished so far, in job order."""
+        indices = sorted(self._values)
+        return indices, [self.args[i] for i in indices], [self._values[i] for i in indices]
+
+
+class LiveCallback:
+    """Calls ``func(args, values)`` with the finished part at most once per ``interval`` when something new
+    arrived, and once more at the end with everything; an exception in ``func`` is reported once and the
+    callback is dropped (the run goes on)."""
+
+    def __init__(self, func, live, interval=LIVE_INTERVAL, report=None):
+        self.func = func
+        self.live = live
+        self.interval = interval
+        self.report = report or (lambda message: log.warning("%s", message))
+        self.calls = 0
+        self._last = 0.0
+        self._shown = -1
+
+    def __call__(self, final=False):
+        if self.func is None:
+            return
+        now = time.monotonic()
+        if not final and now - self._last < self.interval:
+            return
+        self.live.refresh()
+        if len(self.live) == self._shown and not final:
+            return
+        self._last, self._shown = now, len(self.live)
+        _, args, values = self.live.finished()
+        try:
+            self.func(args, values)
+        except Exception as exc:  # noqa: BLE001 - a broken plot must not stop the run; said once, then dropped
+            name = getattr(self.func, "__name__", repr(self.func))
+            self.report(f"--live {name} raised {type(exc).__name__}: {exc}; it is not called again in this run")
+            self.func = None
+            return
+        self.calls += 1
