@@ -73,11 +73,7 @@ class Follower:
 
     def _ours(self, snapshot):
         """Drawable, and of the followed run (not what an earlier run left there)."""
-        if snapshot.state == MISSING:
-            return False
-        if self.since is None:
-            return True
-        return snapshot.started is not None and snapshot.started >= self.since - FOLLOW_SLACK
+        return started_since(snapshot, self.since)
 
     def stop(self):
         self._stop.set()
@@ -89,6 +85,16 @@ class Follower:
         """The final state, drawn once."""
         if snapshot.state != MISSING and self._closed.acquire(blocking=False):
             self.view.close(snapshot)
+
+
+def started_since(snapshot, since):
+    """Whether ``snapshot`` shows a run started at ``since`` or later (any run, without ``since``): until the new
+    run writes its first status, the directory still shows the previous one."""
+    if snapshot.state == MISSING:
+        return False
+    if since is None:
+        return True
+    return snapshot.started is not None and snapshot.started >= since - FOLLOW_SLACK
 
 
 def follow_run(path):

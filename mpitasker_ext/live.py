@@ -13,9 +13,10 @@ import logging
 import os
 import time
 
-from . import scan as scanmod
 from .identity import args_digests
+from .payload import read_value
 from .rundir import RunDir
+from .scan import read_appended
 from .store import ResultStore
 
 log = logging.getLogger(__name__)
@@ -66,14 +67,14 @@ class LiveResults:
             start = 0  # another file under the same name (compacted): read it anew
         if start >= st.st_size:
             return 0
-        records, read_to = scanmod.scan_appended(path, start)
+        records, read_to = read_appended(path, start)
         self._read_to[path] = (st.st_dev, st.st_ino, read_to)
         gained = 0
-        for digest, location in records:
+        for _index, digest, location in records:
             waiting = [i for i in jobs.get(digest, ()) if i not in self._values]
             if not waiting:
                 continue
-            value = scanmod.read_value(location)
+            value = read_value(location)
             for index in waiting:
                 self._values[index] = value
             gained += len(waiting)
@@ -88,31 +89,62 @@ class LiveResults:
         return indices, [self.args[i] for i in indices], [self._values[i] for i in indices]
 
 
-class LiveCallback:
-    """Calls ``func(args, values)`` with the finished part at most once per ``interval`` when something new
-    arrived, and once more at the end with everything; an exception in ``func`` is reported once and the
-    callback is dropped (the run goes on)."""
+class LiveView:
+    """A progress view that also calls ``func(args, values)`` with the finished part of the run, at most once per
+    ``interval`` while it goes on (only when something new arrived), in whatever thread draws the view: the
+    magic's own loop while it waits, so a figure updates in place in the cell. The magic makes the last call
+    (``final``) once the run has ended.
 
-    def __init__(self, func, live, interval=LIVE_INTERVAL, report=None):
+    Views are only updated with the followed run's own snapshots, which appear once rank 0 has applied the reuse
+    rules: results the run will not use (another code's, before a ``--force``) are never read.
+
+    An exception in ``func`` is reported once (``report``) and ``func`` is not called again; the run goes on."""
+
+    def __init__(self, view, func, live, interval=LIVE_INTERVAL, report=None):
+        self.view = view
         self.func = func
         self.live = live
         self.interval = interval
         self.report = report or (lambda message: log.warning("%s", message))
         self.calls = 0
-        self._last = 0.0
+        self._last = None
         self._shown = -1
 
-    def __call__(self, final=False):
+    def update(self, progress):
+        self.view.update(progress)
+        now = time.monotonic()
+        if self._last is None or now - self._last >= self.interval:
+            self._last = now
+            self._call(final=False)
+
+    def close(self, progress):
+        self.view.close(progress)
+
+    def final(self, values=None):
+        """The last call, once the run has ended: with every result (``values``, in job order) when it
+        succeeded, else with the part that finished."""
+        if values is not None:
+            self._invoke(self.live.args, list(values))
+        else:
+            self._call(final=True)
+
+    def _call(self, final):
         if self.func is None:
             return
-        now = time.monotonic()
-        if not final and now - self._last < self.interval:
+        try:
+            self.live.refresh()
+        except OSError as exc:
+            log.debug("live results unreadable now (%s); tried again at the next refresh", exc)
             return
-        self.live.refresh()
         if len(self.live) == self._shown and not final:
             return
-        self._last, self._shown = now, len(self.live)
+        self._shown = len(self.live)
         _, args, values = self.live.finished()
+        self._invoke(args, values)
+
+    def _invoke(self, args, values):
+        if self.func is None:
+            return
         try:
             self.func(args, values)
         except Exception as exc:  # noqa: BLE001 - a broken plot must not stop the run; said once, then dropped

@@ -18,8 +18,9 @@ from IPython.core.magic import Magics, cell_magic, line_magic, magics_class
 from . import closure
 from . import cluster as clustermod
 from . import progress as progressmod
-from .errors import UsageError
-from .follow import REFRESH_SECONDS, Follower, StatusMonitor, follow_run
+from .errors import JobsFailed, UsageError
+from .follow import REFRESH_SECONDS, Follower, StatusMonitor, follow_run, started_since
+from .live import LiveResults, LiveView
 from .results import Results
 from .rundir import RunDir
 from .status import MISSING
@@ -42,13 +43,17 @@ def _cluster_options(func):
 
 
 class MapRun:
-    """Handle of a ``--no-wait`` run: ``done()``, ``wait()``, ``result()``; the variable is set when it ends."""
+    """Handle of a ``--no-wait`` run: ``done()``, ``wait()``, ``result()``, ``partial()`` (what is finished so
+    far); the variable is set when it ends."""
 
-    def __init__(self, future, finish, output, follower=None):
+    def __init__(self, future, finish, output, follower=None, args=None, since=None):
         self._future = future
         self._finish = finish
         self.output = output
         self._follower = follower
+        self._args = args
+        self._since = since
+        self._live = None
         self._values = None
         self._error = None
         future.add_done_callback(self._settle)
@@ -82,6 +87,20 @@ class MapRun:
             raise self._error
         return self._values
 
+    def partial(self):
+        """``{job index: result}`` of the jobs finished so far, in job order; each call reads only what was
+        added since the last one. Empty until the run has started (an earlier run's results are not shown)."""
+        if self._values is not None:
+            return dict(enumerate(self._values))
+        snapshot = progressmod.read_progress(self.output)
+        if not started_since(snapshot, self._since) and not self.done():
+            return {}
+        if self._live is None:
+            self._live = LiveResults(self.output, self._args)
+        self._live.refresh()
+        indices, _args, values = self._live.finished()
+        return dict(zip(indices, values, strict=True))
+
     def __repr__(self):
         state = "running" if not self.done() else ("failed" if self._error else "finished")
         return f"<%%mpimap run of {self.output}: {state}>"
@@ -99,6 +118,7 @@ class RunPlan:
     no_wait: bool = False
     profile: str | None = None
     cluster_id: str | None = None
+    live: object = None  # --live FUNC: called with (args, results) finished so far
 
 
 @magics_class
@@ -128,6 +148,9 @@ class MPIMapMagics(Magics):
                               help="stop a job that runs longer and record it as failed (default: no limit)")
     @magic_arguments.argument("--chunksize", type=int, default=None, metavar="K",
                               help="send K jobs per message (default: adapted to the measured job time)")
+    @magic_arguments.argument("--live", metavar="FUNC", default=None,
+                              help="call FUNC(args, results) in this kernel with the jobs finished so far, about "
+                                   "once a second and once at the end: a plot that fills in as the run goes")
     @magic_arguments.argument("--no-wait", action="store_true",
                               help="return at once with a handle (.done(), .wait(), .result()); -o NAME is "
                                    "assigned when the run ends")
@@ -173,6 +196,7 @@ class MPIMapMagics(Magics):
             raise UsageError(f"--timeout {opts.timeout}: give a number of seconds > 0 (or leave it out)")
         if opts.out is not None and not opts.out.isidentifier():
             raise UsageError(f"-o {opts.out!r} is not a valid variable name")
+        live = self._live_function(opts.live)
         loop = closure.parse_loop(loop_text)
         run = RunDir(os.path.expanduser(opts.output))
         run.check_output_path()
@@ -186,7 +210,20 @@ class MPIMapMagics(Magics):
                    "prune": opts.prune, "on_code_change": "reuse" if opts.reuse else "error",
                    "spelling": MAGIC_SPELLING}
         return RunPlan(job, args, run.output, options, out=opts.out, no_wait=opts.no_wait, profile=opts.profile,
-                       cluster_id=opts.cluster_id)
+                       cluster_id=opts.cluster_id, live=live)
+
+    def _live_function(self, name):
+        if name is None:
+            return None
+        try:
+            func = eval(name, self.shell.user_ns)  # noqa: S307 - the user's own expression
+        except Exception as exc:  # noqa: BLE001 - any error of the user's expression is reported as usage
+            raise UsageError(f"--live {name}: {type(exc).__name__}: {exc}; define a function "
+                             f"{name}(args, results) in the notebook first") from None
+        if not callable(func):
+            raise UsageError(f"--live {name}: {type(func).__name__} is not callable; give a function "
+                             "f(args, results)")
+        return func
 
     def _assign(self, plan, started, where):
         """The results, read from the store on this machine's file system when they are used (never shipped
@@ -200,7 +237,17 @@ class MPIMapMagics(Magics):
 
     def _view(self, plan):
         self._last_output = plan.output
-        return make_view(f"%%mpimap {os.path.basename(plan.output)}")
+        view = make_view(f"%%mpimap {os.path.basename(plan.output)}")
+        if plan.live is None:
+            return view
+        return LiveView(view, plan.live, LiveResults(plan.output, plan.args),
+                        report=lambda message: print(f"mpimap: {message}", file=sys.stderr))
+
+    @staticmethod
+    def _final_live(view, values=None):
+        """The last call of --live: every result when the run succeeded; the finished part when jobs failed."""
+        if isinstance(view, LiveView):
+            view.final(values)
 
     def _run_here(self, plan):
         from concurrent.futures import ThreadPoolExecutor
@@ -216,10 +263,23 @@ class MPIMapMagics(Magics):
             executor = ThreadPoolExecutor(1)
             future = executor.submit(run_serial, sweep)
             executor.shutdown(wait=False)
-            return MapRun(future, lambda f: f.result() or self._assign(plan, started, "serially"), plan.output)
-        run_serial(sweep)
-        values = self._assign(plan, started, "serially")
+
+            def finish_serial(done):
+                return self._ended(view, lambda: done.result() or self._assign(plan, started, "serially"))
+
+            return MapRun(future, finish_serial, plan.output, args=plan.args, since=started)
+        values = self._ended(view, lambda: run_serial(sweep) or self._assign(plan, started, "serially"))
         return None if plan.out else values
+
+    def _ended(self, view, end):
+        """``end()`` (the run's end: its results, or its error), then the last call of --live."""
+        try:
+            values = end()
+        except JobsFailed:
+            self._final_live(view)
+            raise
+        self._final_live(view, values)
+        return values
 
     def _run_on(self, plan):
         ranks = self.session.world()
@@ -230,14 +290,16 @@ class MPIMapMagics(Magics):
         where = f"{len(ranks) - 1} MPI workers"
 
         def finish(done):
-            outcome = clustermod.collect(done, plan.output)
-            if not outcome.ok:
-                outcome.raise_error(on_root=True)
-            return self._assign(plan, started, where)
+            def end():
+                outcome = clustermod.collect(done, plan.output)
+                if not outcome.ok:
+                    outcome.raise_error(on_root=True)
+                return self._assign(plan, started, where)
+            return self._ended(view, end)
 
         if plan.no_wait:
             follower = Follower(plan.output, view, background=True, since=started)
-            return MapRun(future, finish, plan.output, follower)
+            return MapRun(future, finish, plan.output, follower, args=plan.args, since=started)
         follower = Follower(plan.output, view, since=started)
         try:
             while not future.done():

@@ -217,23 +217,32 @@ def _journal(path, f):
     return version, header, _frames(path, f, size, first)
 
 
-def _frames(path, f, size, first):
+def _frames(path, f, size, first, base=0, pos=None, growing=None):
     """Each valid frame after the header line: (offset, frame length, index, kind, digest, seconds, payload).
 
     ``payload`` is None for an ok frame (never held), else the bytes of a frame that fits the window (``b""`` for
     a larger one). Bytes that are not a valid frame are skipped up to the next frame magic and reported in one
-    warning once the file is read ("torn tail" at its end, "damaged bytes" elsewhere)."""
+    warning once the file is read ("torn tail" at its end, "damaged bytes" elsewhere).
+
+    ``growing`` (a list) reads a journal still being written, from ``pos`` (``first`` read at ``base``): a frame
+    cut by the end of the file is a write in progress, not damage; its offset is appended to ``growing`` and the
+    walk stops there, to go on from it next time."""
     frame_unpack, fields_unpack, crc32 = FRAME.unpack_from, FIELDS.unpack_from, zlib.crc32
     min_body = FIELDS.size
-    buf, base = first, 0
+    buf = first
     view = memoryview(buf)
-    pos = first.find(b"\n") + 1
+    if pos is None:
+        pos = first.find(b"\n") + 1
     skipped, tail, streamed = 0, False, 0
     while pos < size:
         rel = pos - base
         if rel + _FIXED > len(buf) and base + len(buf) < size:
             buf, base, rel = _read_at(f, pos, CHUNK), pos, 0
             view = memoryview(buf)
+        if growing is not None and (rel + _HEAD > len(buf) or (
+                frame_unpack(buf, rel)[0] == FRAME_MAGIC and pos + _HEAD + frame_unpack(buf, rel)[1] > size)):
+            growing.append(pos)
+            return
         if rel + _HEAD <= len(buf):
             magic, length, crc = frame_unpack(buf, rel)
             stop = pos + _HEAD + length
@@ -269,6 +278,8 @@ def _frames(path, f, size, first):
     if skipped:
         where = "a torn tail (a killed writer)" if tail and skipped < _HEAD + 64 else "damaged bytes"
         log.warning("%s: skipped %d bytes of %s; the jobs they held will be recomputed", path, skipped, where)
+    if growing is not None:
+        growing.append(size)
 
 
 def _read_at(f, pos, n):
@@ -309,4 +320,29 @@ def _find_magic(f, buf, base, start, size):
             return -1, buf, base
 
 
-__all__ = ["Location", "LocationMap", "Scan", "scan_journals", "journal_records"]
+def read_appended(path, start=0):
+    """The ok records a journal still being written gained from byte ``start`` on: ``([(index, digest,
+    Location)], offset to go on from)``. A frame the writer has not finished is left for the next call; damage is
+    skipped with a warning, as everywhere. A file that is not a format-3 journal yields nothing, ever."""
+    records = []
+    with open_regular(path) as f:
+        size = os.fstat(f.fileno()).st_size
+        if start == 0:
+            first = f.read(min(size, CHUNK))
+            version, _header = parse_header(first)
+            if version is None and b"\n" not in first[:4096] and size < 4096:
+                return records, 0                      # the header line is still being written
+            if version != FORMAT_VERSION:
+                return records, size
+            base, pos = 0, None
+        else:
+            first, base, pos = _read_at(f, start, CHUNK), start, start
+        growing = []
+        for frame_pos, length, index, kind, digest, _seconds, _payload in _frames(path, f, size, first, base, pos,
+                                                                                 growing):
+            if kind == OK:
+                records.append((index, digest, Location(path, frame_pos, length)))
+    return records, growing[0] if growing else size
+
+
+__all__ = ["Location", "LocationMap", "Scan", "scan_journals", "journal_records", "read_appended"]

@@ -1,0 +1,103 @@
+"""Live results: the finished part of a run, read incrementally while it goes on (``--live``, ``partial()``)."""
+
+import os
+import threading
+import time
+
+from mpitasker_ext import mpimap
+from mpitasker_ext.identity import args_digest
+from mpitasker_ext.live import LiveResults, LiveView
+from mpitasker_ext.payload import encode_value, read_value
+from mpitasker_ext.rundir import RunDir
+from mpitasker_ext.scan import read_appended
+
+
+def test_a_frame_being_written_is_left_for_the_next_read(tmp_path):
+    run = RunDir(str(tmp_path / "out.pkl"))
+    run.create()
+    writer = run.new_journal(1)
+    for i in range(3):
+        writer.append_value(i, args_digest(i), 0.0, encode_value(i * 10))
+    writer.close()
+    path = writer.path
+    whole = open(path, "rb").read()
+    with open(path, "rb+") as f:                      # the last frame only half written, as a reader may see it
+        f.truncate(len(whole) - 5)
+    records, resume = read_appended(path, 0)
+    assert [(i, read_value(loc)) for i, _d, loc in records] == [(0, 0), (1, 10)]
+    assert resume < len(whole) - 5
+    with open(path, "ab") as f:
+        f.write(whole[len(whole) - 5:])
+    records, resume = read_appended(path, resume)
+    assert [(i, read_value(loc)) for i, _d, loc in records] == [(2, 20)] and resume == len(whole)
+    assert read_appended(path, resume) == ([], len(whole))
+
+
+def slow_square(x):
+    time.sleep(0.02)
+    return x * x
+
+
+def test_live_results_fill_in_while_the_run_goes_and_end_equal_to_the_results(tmp_path):
+    output = str(tmp_path / "live.pkl")
+    args = list(range(60))
+    live = LiveResults(output, args)
+    runner = threading.Thread(target=mpimap, args=(slow_square, args, output), kwargs={"progress": False})
+    runner.start()
+    seen = []
+    while runner.is_alive():
+        live.refresh()
+        seen.append(len(live))
+        indices, done_args, values = live.finished()
+        assert all(v == a * a for a, v in zip(done_args, values, strict=True))   # every value is its own job's
+        time.sleep(0.05)
+    runner.join()
+    live.refresh()
+    assert seen == sorted(seen) and len(set(seen)) > 2              # it filled in, never went back
+    assert live.finished() == (args, args, [a * a for a in args])
+
+
+def test_stored_results_count_from_the_first_refresh_matched_by_argument(tmp_path):
+    output = str(tmp_path / "grid.pkl")
+    mpimap(slow_square, [3, 1, 2], output, progress=False)
+    live = LiveResults(output, [1, 2, 3, 4])                         # a refined grid: other indices
+    assert live.refresh() == 3
+    assert live.finished() == ([0, 1, 2], [1, 2, 3], [1, 4, 9])
+    assert live.refresh() == 0                                        # nothing new: nothing read again
+
+
+class _Recorder:
+    def __init__(self):
+        self.updates, self.closed = 0, 0
+
+    def update(self, progress):
+        self.updates += 1
+
+    def close(self, progress):
+        self.closed += 1
+
+
+def test_a_live_function_that_raises_is_reported_once_and_dropped(tmp_path):
+    output = str(tmp_path / "grid.pkl")
+    mpimap(slow_square, [1, 2], output, progress=False)
+    said, calls = [], []
+
+    def draw(args, values):
+        calls.append((args, values))
+        raise RuntimeError("axis gone")
+
+    view = LiveView(_Recorder(), draw, LiveResults(output, [1, 2]), interval=0, report=said.append)
+    view.update(None)
+    view.update(None)
+    view.final([1, 4])
+    assert calls == [([1, 2], [1, 4])] and view.view.updates == 2
+    assert len(said) == 1 and "--live draw raised RuntimeError: axis gone" in said[0]
+
+
+def test_the_final_call_gets_every_result(tmp_path):
+    output = str(tmp_path / "grid.pkl")
+    calls = []
+    view = LiveView(_Recorder(), lambda a, v: calls.append((a, v)), LiveResults(output, [5, 6]), interval=0)
+    view.final([25, 36])
+    assert calls == [([5, 6], [25, 36])]
+    assert not os.path.exists(output)
