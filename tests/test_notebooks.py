@@ -210,3 +210,32 @@ def test_a_dying_engine_is_reported_with_the_jobs_it_ran(tmp_path, monkeypatch):
         assert (tmp_path / "d.pkl.mpi").is_dir() and not (tmp_path / "d.pkl").exists()
     finally:
         subprocess.run([ipcluster, "stop", f"--profile={profile}"], capture_output=True, timeout=120)
+
+
+def test_live_function_sees_the_curve_fill_in_and_partial_reads_a_no_wait_run(tmp_path, mpi_cluster):
+    """--live draw is called with growing, correct parts of the run and last with every result; a --no-wait
+    handle's partial() grows too and ends equal to the results."""
+    cells = [
+        "%load_ext mpitasker_ext",
+        "calls = []\ndef draw(args, results):\n    calls.append((list(args), list(results)))",
+        f"%%mpimap --profile {CLUSTER_PROFILE} --live draw -o curve curve.pkl for w in range(60)\n"
+        "import time\ntime.sleep(0.15)\nw * w",
+        "sizes = [len(a) for a, _ in calls]\n"
+        "assert all(r == [a * a for a in args] for args, r in calls)\n"
+        "assert sizes == sorted(sizes) and len(set(sizes)) >= 3 and sizes[-1] == 60, sizes\n"
+        "assert calls[-1] == (list(range(60)), [w * w for w in range(60)])\n"
+        "print('LIVE OK', len(calls))",
+        f"%%mpimap --profile {CLUSTER_PROFILE} --no-wait -o later later.pkl for w in range(40)\n"
+        "import time\ntime.sleep(0.1)\n-w",
+        "import time\nseen = []\nwhile not _.done():\n    part = _.partial()\n    seen.append(len(part))\n"
+        "    assert all(v == -i for i, v in part.items())\n    time.sleep(0.1)\n"
+        "_.wait()\nassert seen == sorted(seen) and len(set(seen)) >= 3, seen\n"
+        "assert _.partial() == {i: -i for i in range(40)}\nprint('PARTIAL OK')",
+    ]
+    nb = nbformat.v4.new_notebook()
+    nb.cells = [nbformat.v4.new_code_cell(source) for source in cells]
+    nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
+    NotebookClient(nb, timeout=300, kernel_name="python3",
+                   resources={"metadata": {"path": str(tmp_path)}}).execute()
+    text = outputs(nb)
+    assert "LIVE OK" in text and "PARTIAL OK" in text
