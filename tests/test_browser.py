@@ -111,3 +111,69 @@ def run_cell(page, index, attempts=3):
                 return
             time.sleep(0.1)
     raise AssertionError(f"cell {index} did not start after {attempts} tries")
+
+
+LIVE_FIGURE = """import matplotlib.pyplot as plt
+from IPython.display import display
+fig, ax = plt.subplots(figsize=(5, 3))
+(points,) = ax.plot([], [], ".-")
+ax.set_xlim(0, 120)
+ax.set_ylim(0, 1)
+figure = display(fig, display_id=True)
+plt.close(fig)
+def draw(xs, ys):
+    points.set_data(xs, ys)
+    ax.set_title(f"{len(ys)} of 120 points")
+    figure.update(fig)"""
+
+
+def test_a_live_plot_changes_in_place_while_the_run_goes(jupyterlab, mpi_cluster):
+    from playwright.sync_api import sync_playwright
+    base, token, root = jupyterlab
+    nb = nbformat.v4.new_notebook()
+    nb.cells = [nbformat.v4.new_code_cell("%load_ext mpitasker_ext"),
+                nbformat.v4.new_code_cell(LIVE_FIGURE),
+                nbformat.v4.new_code_cell(f"%%mpimap --profile {CLUSTER_PROFILE} --live draw curve.pkl "
+                                          "for x in range(120)\nimport math, time\ntime.sleep(0.1)\n"
+                                          "1 / (1 + ((x - 60) / 8) ** 2)")]
+    nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
+    nbformat.write(nb, root / "live.ipynb")
+    os.makedirs(ARTIFACTS, exist_ok=True)
+    shots = []
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        page = browser.new_page(viewport={"width": 1000, "height": 900})
+        page.goto(f"{base}/lab/tree/live.ipynb?token={token}")
+        page.wait_for_selector(".jp-Notebook-ExecutionIndicator[data-status='idle']", timeout=90000)
+        run_cell(page, 0)
+        run_cell(page, 1)
+        plot = page.locator(".jp-Cell").nth(1).locator(".jp-OutputArea-output img")
+        try:
+            plot.wait_for(timeout=30000)
+        except Exception:
+            page.screenshot(path=os.path.join(ARTIFACTS, "live-plot-missing.png"), full_page=True)
+            raise
+        run_cell(page, 2)
+        deadline = time.time() + 90
+        while time.time() < deadline and len(shots) < 2:
+            source = plot.get_attribute("src")
+            if page.locator(".mpitasker-state", has_text="running").count() and (not shots or shots[-1][0] != source):
+                path = os.path.join(ARTIFACTS, f"live-plot-{len(shots)}.png")
+                plot.screenshot(path=path)
+                shots.append((source, open(path, "rb").read()))
+            time.sleep(0.3)
+        done = page.locator(".mpitasker-done")
+        while time.time() < deadline and done.count() and int(done.first.get_attribute("data-done")) < 50:
+            time.sleep(0.2)
+        news = page.get_by_role("button", name="No")
+        if news.count():
+            news.first.click()                            # JupyterLab's news question, in front of the widget
+            page.wait_for_timeout(600)
+        page.screenshot(path=os.path.join(ARTIFACTS, "live-curve.png"))   # the README's picture, mid-run
+        page.wait_for_selector("text=mpimap: 120 results", timeout=60000)
+        page.locator(".jp-Cell").nth(1).screenshot(path=os.path.join(ARTIFACTS, "live-plot-final.png"))
+        final = plot.get_attribute("src")
+        browser.close()
+    assert len(shots) == 2, "the plot did not change while the run went on"
+    assert shots[0][0] != shots[1][0] and shots[0][1] != shots[1][1]    # another image, and it looks different
+    assert final not in (shots[0][0], shots[1][0])                     # and the last call drew the whole curve
