@@ -13,6 +13,7 @@ import socket
 import sys
 from dataclasses import dataclass, field
 
+from . import mpi_impl
 from .errors import MPITaskerError, UsageError
 
 log = logging.getLogger(__name__)
@@ -105,11 +106,11 @@ def start(n=4, profile=None, cluster_id=None, engines="mpi"):
         kwargs["controller_ip"] = "*"                      # engines on compute nodes must reach the controller
         kwargs["controller_location"] = socket.gethostname()
     cluster = ipp.Cluster(**kwargs)
-    cluster.config.MPILauncher.mpi_cmd = [mpiexec_path()]
+    mpi = mpi_impl.configure_engines(cluster, mpiexec_path())
     cluster.start_cluster_sync()
     try:
         client = cluster.connect_client_sync()
-        client.wait_for_engines(n, timeout=START_TIMEOUT)
+        mpi_impl.wait_for_engines(cluster, client, n, mpi, timeout=START_TIMEOUT)
     except BaseException:
         cluster.stop_cluster_sync()
         raise
