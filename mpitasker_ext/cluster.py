@@ -48,7 +48,7 @@ def _import_ipyparallel():
     try:
         import ipyparallel
     except ImportError as exc:
-        raise ClusterError(f"ipyparallel is not installed ({exc}): pip install 'mpitasker_ext[notebook]'") from exc
+        raise ClusterError(f"ipyparallel is not installed ({exc}): pip install mpitasker_ext brings it") from exc
     return ipyparallel
 
 

@@ -192,3 +192,21 @@ def test_open_mpi_root_refusal_names_the_fix():
     assert proc.returncode != 0
     error = mpi_impl.launch_failure(mpi_impl.identify(mpiexec), 4, proc.returncode, proc.stdout + proc.stderr)
     assert "refuses to run as root" in str(error) and "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1" in str(error)
+
+
+def test_a_plain_install_without_an_mpi_library_runs_scripts_serially(tmp_path):
+    """mpi4py is a dependency, an MPI library is not: its wheel then raises RuntimeError on import (made here by
+    pointing it at a missing libmpi). A script runs serially; under mpiexec it refuses instead of running every
+    job on every rank."""
+    script = tmp_path / "job.py"
+    script.write_text("from mpitasker_ext import Tasker\n"
+                      "with Tasker() as tsk:\n"
+                      "    data = tsk.map('out.pkl', lambda x: x * x, range(10))\n"
+                      "print('RESULT', tsk.size, data[-1], flush=True)\n")
+    env = dict(os.environ, MPI4PY_LIBMPI=str(tmp_path / "missing" / "libmpi.so"))
+    proc = subprocess.run([sys.executable, str(script)], cwd=tmp_path, capture_output=True, text=True, timeout=60,
+                          env=env)
+    assert "RESULT 1 (9, [9], 81)" in proc.stdout, proc.stdout + proc.stderr
+    proc = subprocess.run([os.path.join(BIN, "mpiexec"), "-n", "2", sys.executable, str(script)], cwd=tmp_path,
+                          capture_output=True, text=True, timeout=60, env=env)
+    assert proc.returncode != 0 and "mpi4py cannot be imported" in proc.stderr and "RESULT" not in proc.stdout
