@@ -33,9 +33,8 @@ _SIGNATURES = (                        # (implementation, pattern of `mpiexec --
 
 ROOT_FIX = ("set OMPI_ALLOW_RUN_AS_ROOT=1 and OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1 in the environment the kernel "
             "starts from (or run Jupyter as another user)")
-SLOTS_FIX = ("ask for fewer engines (-n), or let Open MPI oversubscribe: set "
-             "PRTE_MCA_rmaps_default_mapping_policy=:oversubscribe (Open MPI 5) or "
-             "OMPI_MCA_rmaps_base_oversubscribe=1 (Open MPI 4) in the environment the kernel starts from")
+SLOTS_FIX = ("ask for fewer engines (-n), or give Open MPI more slots: a hostfile's slots=/max_slots= (max_slots "
+             "caps even --oversubscribe), or a larger batch allocation")
 
 
 class MPILaunchError(MPITaskerError):

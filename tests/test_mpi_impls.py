@@ -210,3 +210,17 @@ def test_a_plain_install_without_an_mpi_library_runs_scripts_serially(tmp_path):
     proc = subprocess.run([os.path.join(BIN, "mpiexec"), "-n", "2", sys.executable, str(script)], cwd=tmp_path,
                           capture_output=True, text=True, timeout=60, env=env)
     assert proc.returncode != 0 and "mpi4py cannot be imported" in proc.stderr and "RESULT" not in proc.stdout
+
+
+@pytest.mark.parametrize("text, name, version", [
+    ("mpiexec (OpenRTE) 4.1.5\n\nReport bugs to http://www.open-mpi.org/community/help/\n", "Open MPI", "4.1.5"),
+    ("mpiexec (Open MPI) 5.0.3\n", "Open MPI", "5.0.3"),
+    ("HYDRA build details:\n    Version:                                 4.1.2\n    Release Date: ...\n",
+     "MPICH", "4.1.2"),
+    ("Intel(R) MPI Library for Linux* OS, Version 2021.10 Build 20230619 (id: c2e19c2f3e)\n", "Intel MPI", "2021.10"),
+    ("srun: unrecognized option '--version'\n", "unknown MPI", ""),
+])
+def test_version_texts_of_other_releases(text, name, version):
+    mpi = mpi_impl.parse_version(text, "/opt/mpi/bin/mpiexec")
+    assert (mpi.name, mpi.version) == (name, version)
+    assert mpi.engine_args(uid=0) == (["--oversubscribe", "--allow-run-as-root"] if name == "Open MPI" else [])
