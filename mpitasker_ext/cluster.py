@@ -14,6 +14,7 @@ import socket
 import sys
 from dataclasses import dataclass, field
 
+from . import mpi_impl
 from .errors import ClusterError, EnginesDied, MPITaskerError, UsageError
 from .sweep import Outcome
 
@@ -41,7 +42,7 @@ def _import_ipyparallel():
     try:
         import ipyparallel
     except ImportError as exc:
-        raise ClusterError(f"ipyparallel is not installed ({exc}): pip install 'mpitasker_ext[notebook]'") from exc
+        raise ClusterError(f"ipyparallel is not installed ({exc}): pip install mpitasker_ext brings it") from exc
     return ipyparallel
 
 
@@ -99,11 +100,11 @@ def start(n=4, profile=None, cluster_id=None, engines="mpi"):
         kwargs["controller_ip"] = "*"                      # engines on compute nodes must reach the controller
         kwargs["controller_location"] = socket.gethostname()
     cluster = ipp.Cluster(**kwargs)
-    cluster.config.MPILauncher.mpi_cmd = [mpiexec_path()]
+    mpi = mpi_impl.configure_engines(cluster, mpiexec_path())
     cluster.start_cluster_sync()
     try:
         client = cluster.connect_client_sync()
-        client.wait_for_engines(n, timeout=START_TIMEOUT)
+        mpi_impl.wait_for_engines(cluster, client, n, mpi, timeout=START_TIMEOUT)
     except BaseException:
         stop(cluster)
         raise

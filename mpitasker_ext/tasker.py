@@ -31,7 +31,7 @@ def world_communicator(method="MPI"):
         return None
     try:
         from mpi4py import MPI
-    except ImportError as exc:
+    except (ImportError, RuntimeError) as exc:      # RuntimeError: mpi4py's wheel found no MPI library to load
         if _launcher_size() > 1:
             raise MPITaskerError(
                 f"this process was started by mpiexec as one of {_launcher_size()} processes, but mpi4py cannot "
