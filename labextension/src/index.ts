@@ -42,7 +42,8 @@ const plugin: JupyterFrontEndPlugin<void> = {
     }
     const client = new RunsClient(app.serviceManager.serverSettings);
     const tracker = new WidgetTracker<MainAreaWidget<RunView>>({ namespace: 'mpitasker-run' });
-    const openRun = (path: string) => app.commands.execute(OPEN_RUN, { path });
+    const openRun = (path: string) =>
+      app.commands.execute(OPEN_RUN, { path }).catch(err => console.error(`mpitasker: cannot open ${path}`, err));
 
     const panel = new RunsPanel(client, path => void openRun(path));
     panel.title.icon = runsIcon;
@@ -106,7 +107,9 @@ const plugin: JupyterFrontEndPlugin<void> = {
           return;
         }
         event.preventDefault();
-        void relativeToRoot(client, path).then(openRun);
+        relativeToRoot(client, path)
+          .then(openRun)
+          .catch(err => console.error(`mpitasker: cannot open ${path}`, err));
       },
       true
     );
