@@ -1,0 +1,86 @@
+/**
+ * The read-only JSON API of the mpitasker server extension, called the way JupyterLab calls its own server:
+ * through ServerConnection, which sends the token and the XSRF cookie, so Jupyter's authentication and
+ * authorizer decide exactly as for the standalone /mpitasker/ page.
+ */
+import { URLExt } from '@jupyterlab/coreutils';
+import { ServerConnection } from '@jupyterlab/services';
+
+/** What one rank is doing (progress.RankState). */
+export interface IRankState {
+  rank: number;
+  current: number | null;
+  batch: number;
+  done: number;
+  failed: number;
+}
+
+/** One failed job (progress.Failure). `output` is the job's captured stdout/stderr when the server sends it. */
+export interface IFailure {
+  index: number;
+  error: string;
+  traceback: string;
+  output?: string;
+}
+
+/**
+ * One run (progress.Progress.to_dict() plus `path`, relative to the server's root). Every value comes from files
+ * anyone with write access under the root may have planted: the views only ever put it into the DOM as text.
+ */
+export interface IRun {
+  path: string;
+  name: string;
+  state: string;
+  total: number;
+  done: number;
+  cached: number;
+  failed: number;
+  running: number;
+  rate: number;
+  elapsed: number;
+  eta: number | null;
+  note: string;
+  ranks: IRankState[];
+  failures: IFailure[];
+}
+
+/** GET /mpitasker/api/runs */
+export interface IRunList {
+  root: string;
+  runs: IRun[];
+  time: number;
+}
+
+/** A run's path as a URL: each segment encoded on its own, since '#' and '?' are legal in file names. */
+export function runUrlPath(path: string): string {
+  return String(path).split('/').map(encodeURIComponent).join('/');
+}
+
+export class RunsClient {
+  constructor(readonly settings: ServerConnection.ISettings = ServerConnection.makeSettings()) {}
+
+  /** Every run under the server's root. */
+  runs(): Promise<IRunList> {
+    return this._get('mpitasker/api/runs');
+  }
+
+  /** One run, by its path relative to the root. */
+  run(path: string): Promise<IRun> {
+    return this._get('mpitasker/api/run/' + runUrlPath(path));
+  }
+
+  /** The standalone page of a run (or of all runs), for front ends without this extension. */
+  pageUrl(path?: string): string {
+    const route = path === undefined ? 'mpitasker/' : 'mpitasker/run/' + runUrlPath(path);
+    return URLExt.join(this.settings.baseUrl, route);
+  }
+
+  private async _get<T>(route: string): Promise<T> {
+    const url = URLExt.join(this.settings.baseUrl, route);
+    const response = await ServerConnection.makeRequest(url, { method: 'GET' }, this.settings);
+    if (!response.ok) {
+      throw await ServerConnection.ResponseError.create(response);
+    }
+    return (await response.json()) as T;
+  }
+}

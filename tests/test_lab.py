@@ -1,0 +1,178 @@
+"""The prebuilt JupyterLab extension in a real JupyterLab, driven through Debian's chromium by Playwright: the
+install enables it, its "MPI runs" panel lists a run a real mpiexec script started, the counts move, it polls
+only while visible, and a click opens the run in a main-area tab with its ranks and (escaped) failures."""
+
+import os
+import re
+import subprocess
+import sys
+import time
+
+import pytest
+
+from conftest import BIN, CHROMIUM, CHROMIUM_ARGS, REPO, free_port, wait_for_jupyter
+
+ARTIFACTS = os.path.join(REPO, "test-artifacts")
+JOBS = 400
+RUN = "sweeps/a.pkl"
+
+SLOW_JOB = """
+    import sys, time
+    from mpitasker_ext import mpimap
+    def work(x):
+        time.sleep(float(sys.argv[2]))
+        if x == 7:
+            raise ValueError('<img src=x onerror=alert(1)> seven')
+        return x
+    mpimap(work, range(int(sys.argv[1])), 'sweeps/a.pkl', progress=False)
+"""
+
+
+@pytest.fixture
+def lab(tmp_path):
+    """A real JupyterLab on the server root tmp_path/root, with its own workspace and settings directories so
+    no layout from an earlier session (a collapsed sidebar, an open tab) changes what the browser sees."""
+    if not os.access(CHROMIUM, os.X_OK):
+        pytest.fail(f"{CHROMIUM} is missing: the test command installs Debian's chromium (apt-get install chromium)")
+    root = tmp_path / "root"
+    (root / "sweeps").mkdir(parents=True)
+    news = tmp_path / "settings" / "@jupyterlab" / "apputils-extension" / "notification.jupyterlab-settings"
+    news.parent.mkdir(parents=True)
+    news.write_text('{"fetchNews": "false"}')            # no news toast over the panel (and no request out)
+    port, token = free_port(), "l" + os.urandom(8).hex()
+    log_path = tmp_path / "lab.log"
+    proc = subprocess.Popen([sys.executable, "-m", "jupyterlab", "--no-browser", "--ip=127.0.0.1", f"--port={port}",
+                             "--allow-root", f"--IdentityProvider.token={token}", f"--ServerApp.root_dir={root}",
+                             f"--LabApp.workspaces_dir={tmp_path / 'workspaces'}",
+                             f"--LabApp.user_settings_dir={tmp_path / 'settings'}"],
+                            stdout=subprocess.DEVNULL, stderr=open(log_path, "w"))
+    base = f"http://127.0.0.1:{port}"
+    wait_for_jupyter(base, token, proc, log_path)
+    yield base, token, root
+    proc.terminate()
+    proc.wait(15)
+
+
+def test_the_install_enables_the_prebuilt_extension():
+    out = subprocess.run([os.path.join(BIN, "jupyter"), "labextension", "list"], capture_output=True, text=True,
+                         timeout=60)
+    text = re.sub(r"\x1b\[[0-9;]*m", "", out.stdout + out.stderr)
+    line = next((ln for ln in text.splitlines() if "mpitasker-ext" in ln), "")
+    assert "enabled" in line and "OK" in line and "(python, mpitasker_ext)" in line, text
+
+
+def test_panel_lists_a_running_run_and_opens_it_in_a_tab(lab, runner):
+    from playwright.sync_api import sync_playwright
+    base, token, root = lab
+    api_calls, dialogs = [], []
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        page = browser.new_page(viewport={"width": 1280, "height": 720})
+        page.on("request", lambda r: "/mpitasker/api/" in r.url and api_calls.append(r))
+        page.on("dialog", lambda d: (dialogs.append(d.message), d.dismiss()))
+        page.goto(f"{base}/lab?token={token}")
+        page.locator(".jp-LauncherCard", has_text="MPI runs").click(timeout=90000)   # the launcher item
+        panel = page.locator("#mpitasker-runs")
+        panel.wait_for(state="visible")
+        assert panel.locator(".mpitasker-heading").inner_text() == "MPI runs"
+        page.wait_for_selector("#mpitasker-runs .mpitasker-status:text-matches('no runs under')")
+
+        proc = start_run(runner, root, JOBS, 0.05)
+        try:
+            row = panel.locator(f".mpitasker-run[data-path='{RUN}']")
+            counts = row.locator(".mpitasker-counts")
+            seen = watch_counts(counts, moves=4, timeout=60)
+            assert row.locator(".mpitasker-state").inner_text() == "running"
+            assert re.fullmatch(r"[\d.]+ jobs/s", row.locator(".mpitasker-rate").inner_text())
+            assert re.fullmatch(r"ETA (\d+:\d\d:\d\d|\?)", row.locator(".mpitasker-eta").inner_text())
+            done_width = width(row.locator(".mpitasker-bar-done"))
+            assert 0 < done_width < 100 and width(row.locator(".mpitasker-bar-failed")) > 0
+
+            # hidden: the collapsed panel asks nothing; shown again (from the command palette): it polls again
+            page.locator(".jp-SideBar .lm-TabBar-tab[data-id='mpitasker-runs']").click()
+            panel.wait_for(state="hidden")
+            page.wait_for_timeout(500)             # (Playwright delivers request events while it waits)
+            hidden_from = len(api_calls)
+            page.wait_for_timeout(3000)
+            while_hidden = [r.url for r in api_calls[hidden_from:]]
+            page.keyboard.press("Control+Shift+C")
+            page.locator(".lm-CommandPalette-input").fill("Show MPI runs")
+            page.keyboard.press("Enter")
+            panel.wait_for(state="visible")
+            shown_from = len(api_calls)
+            page.wait_for_timeout(2500)
+            while_shown = api_calls[shown_from:]
+
+            row.click()
+            view = page.locator(f".mpitasker-runview[data-path='{RUN}']")
+            view.wait_for(state="visible")
+            tab = page.locator(".lm-DockPanel-tabBar .lm-TabBar-tab", has_text="a.pkl")
+            assert "lm-mod-current" in tab.get_attribute("class")
+            view.locator(".mpitasker-ranks tbody tr").first.wait_for()
+            ranks = view.locator(".mpitasker-ranks tbody tr td:first-child").all_inner_texts()
+            failure = view.locator("details.mpitasker-failure[data-index='7']")
+            failure.locator("summary").click()
+            traceback = failure.locator("pre.mpitasker-traceback").inner_text()
+            failure.locator(".mpitasker-output").wait_for(state="attached")
+            assert failure.locator(".mpitasker-output").is_hidden()            # no output field from the API yet
+            os.makedirs(ARTIFACTS, exist_ok=True)
+            page.screenshot(path=os.path.join(ARTIFACTS, "lab-panel.png"))
+            view_counts = watch_counts(view.locator(".mpitasker-counts"), moves=2, timeout=30)
+
+            proc.wait(120)
+            page.wait_for_selector(f"#mpitasker-runs .mpitasker-run[data-path='{RUN}'] "
+                                   ".mpitasker-state:text-is('failed')", timeout=30000)
+            final = (counts.get_attribute("data-done"), counts.get_attribute("data-total"), counts.inner_text())
+
+            # a link naming the run (as the %%mpimap widget renders one, with the run's absolute path) reopens it
+            tab.locator(".lm-TabBar-tabCloseIcon").click()
+            view.wait_for(state="detached")
+            page.evaluate("""path => { const a = document.createElement('a'); a.textContent = 'open the run';
+                a.href = '/mpitasker/run/sweeps/a.pkl'; a.dataset.mpitaskerRun = path; a.id = 'run-link';
+                a.style.cssText = 'position: fixed; left: 400px; bottom: 60px; z-index: 10000';
+                document.body.append(a); }""", str(root / RUN))
+            page.locator("#run-link").click()
+            view.wait_for(state="visible")
+            reopened = page.url
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+            browser.close()
+    assert all(total == JOBS for _, total in seen)
+    done = [d for d, _ in seen]
+    assert done == sorted(done) and len(set(done)) >= 4, f"the panel's counts did not move: {seen}"
+    assert while_hidden == [], f"the hidden panel still polled: {while_hidden}"
+    assert len(while_shown) >= 2, "the panel did not poll again once shown"
+    assert all(r.method == "GET" and r.headers.get("authorization", "").startswith("token ") for r in while_shown)
+    assert ranks == ["1", "2"], ranks
+    assert "<img src=x onerror=alert(1)> seven" in traceback and dialogs == []    # shown as text, never run
+    assert [d for d, _ in view_counts] == sorted(d for d, _ in view_counts) and len(view_counts) >= 2
+    assert final == (str(JOBS - 1), str(JOBS), f"{JOBS - 1}/{JOBS}")
+    assert reopened.startswith(f"{base}/lab")                # the link opened the tab, not the standalone page
+
+
+def start_run(runner, root, jobs, delay):
+    runner.workdir = str(root)
+    runner.write("job.py", SLOW_JOB)
+    return subprocess.Popen(runner.command("job.py", 3, jobs, delay), cwd=str(root),
+                            env=dict(os.environ, PYTHONPATH=REPO), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+
+
+def watch_counts(counts, moves, timeout):
+    """The (done, total) a counts element shows, each change once, until it changed `moves` times."""
+    seen = []
+    deadline = time.time() + timeout
+    while time.time() < deadline and len(seen) < moves:
+        if counts.count():
+            value = (int(counts.get_attribute("data-done")), int(counts.get_attribute("data-total")))
+            if not seen or seen[-1] != value:
+                seen.append(value)
+        time.sleep(0.2)
+    assert len(seen) >= moves, f"the counts did not move: {seen}"
+    return seen
+
+
+def width(locator):
+    """A bar segment's width in percent of its bar."""
+    return locator.evaluate("el => 100 * el.getBoundingClientRect().width / el.parentElement.clientWidth")
