@@ -147,7 +147,8 @@ def test_a_live_plot_changes_in_place_while_the_run_goes(jupyterlab, mpi_cluster
         page.wait_for_selector(".jp-Notebook-ExecutionIndicator[data-status='idle']", timeout=90000)
         run_cell(page, 0)
         run_cell(page, 1)
-        plot = page.locator(".jp-Cell").nth(1).locator(".jp-OutputArea-output img")
+        area = page.locator(".jp-Cell").nth(1).locator(".jp-Cell-outputArea")
+        plot = area.locator(".jp-OutputArea-output img")
         try:
             plot.wait_for(timeout=30000)
         except Exception:
@@ -158,9 +159,11 @@ def test_a_live_plot_changes_in_place_while_the_run_goes(jupyterlab, mpi_cluster
         while time.time() < deadline and len(shots) < 2:
             source = plot.get_attribute("src")
             if page.locator(".mpitasker-state", has_text="running").count() and (not shots or shots[-1][0] != source):
+                page.wait_for_timeout(400)                # let the new image be drawn before the picture
                 path = os.path.join(ARTIFACTS, f"live-plot-{len(shots)}.png")
-                plot.screenshot(path=path)
-                shots.append((source, open(path, "rb").read()))
+                area.screenshot(path=path)                # the output area stays while its image is replaced
+                if plot.get_attribute("src") == source:   # the picture shows this image, not the next one
+                    shots.append((source, open(path, "rb").read()))
             time.sleep(0.3)
         done = page.locator(".mpitasker-done")
         while time.time() < deadline and done.count() and int(done.first.get_attribute("data-done")) < 50:
