@@ -77,7 +77,7 @@ def test_panel_lists_a_running_run_and_opens_it_in_a_tab(lab, runner):
         assert panel.locator(".mpitasker-heading").inner_text() == "MPI runs"
         page.wait_for_selector("#mpitasker-runs .mpitasker-status:text-matches('no runs under')")
 
-        proc = start_run(runner, root, JOBS, 0.05)
+        proc = start_run(runner, root, JOBS, 0.1)      # ~20 s on 2 workers: time to watch it move
         try:
             row = panel.locator(f".mpitasker-run[data-path='{RUN}']")
             counts = row.locator(".mpitasker-counts")

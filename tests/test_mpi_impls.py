@@ -163,7 +163,8 @@ def test_notebook_path_starts_more_engines_than_cores_as_root(mpi_env, tmp_path,
     assert "started cluster" in text and "4 MPI engines" in text, text
     assert "VALUES True" in text and "RANKS [1, 2, 3]" in text, text
     assert f"LIBRARIES ['{WHEELS[name][2]}" in text and "KERNEL MPI False" in text, text
-    assert "cluster stopped" in text, text
+    stopped = [line for line in text.splitlines() if "stopped" in line and "stop it with" not in line]
+    assert len(stopped) == 1 and stopped[0].startswith("cluster '") and stopped[0].endswith("' stopped"), text
 
 
 def test_open_mpi_refusing_the_engines_is_explained_at_once(tmp_path, mpi_tmp):
