@@ -99,4 +99,4 @@ def started_since(snapshot, since):
 
 def follow_run(path):
     """For %mpistatus: a live view of one run (the widget in a kernel, text elsewhere)."""
-    return Follower(path, make_view(os.path.basename(os.fspath(path))), background=True)
+    return Follower(path, make_view(os.path.basename(os.fspath(path)), output=path), background=True)

@@ -237,7 +237,7 @@ class MPIMapMagics(Magics):
 
     def _view(self, plan):
         self._last_output = plan.output
-        view = make_view(f"%%mpimap {os.path.basename(plan.output)}")
+        view = make_view(f"%%mpimap {os.path.basename(plan.output)}", output=plan.output)
         if plan.live is None:
             return view
         return LiveView(view, plan.live, LiveResults(plan.output, plan.args),

@@ -16,6 +16,7 @@ import os
 import re
 import threading
 import time
+import urllib.parse
 
 from jupyter_server.auth.decorator import authorized
 from jupyter_server.base.handlers import APIHandler, JupyterHandler
@@ -65,6 +66,18 @@ class RunIndex:
             return None
         candidate = os.path.join(self.root, *parts)
         return candidate if self.confined(candidate) else None
+
+    def resolve_absolute(self, path):
+        """The run named by an absolute path (what a kernel knows of its output), if it lies under the root; its
+        directory is compared by real path, as the root is."""
+        if not path or not os.path.isabs(path) or "\x00" in path:
+            return None
+        path = os.path.normpath(path)
+        relative = os.path.relpath(os.path.join(os.path.realpath(os.path.dirname(path)), os.path.basename(path)),
+                                   self.root)
+        if relative == ".." or relative.startswith(".." + os.sep):
+            return None
+        return self.resolve(relative.replace(os.sep, "/"))
 
     def confined(self, candidate):
         """True when the real paths of the parent directory, of what is read (the run directory, else the
@@ -146,10 +159,24 @@ class RunPage(_RunsHandler, JupyterHandler):
         self.finish(_page(f"mpitasker: {relative}", "run.js", self.base, run=relative))
 
 
+class RunLink(_RunsHandler, JupyterHandler):
+    """``mpitasker/open?path=ABSOLUTE``: the %%mpimap widget's link (a kernel knows its output's absolute path,
+    not the server's root), redirected to the run's page when that path lies under the root."""
+
+    @web.authenticated
+    @authorized
+    def get(self):
+        path = self.index.resolve_absolute(self.get_query_argument("path", ""))
+        if path is None:
+            raise web.HTTPError(404, "no such run under the server root")
+        self.redirect(url_path_join(self.base, "mpitasker/run", urllib.parse.quote(self.index.relative(path))))
+
+
 def handlers(base):
     """The routes under the server's base URL."""
     return [
         (url_path_join(base, "mpitasker/?"), DashboardPage),
+        (url_path_join(base, "mpitasker/open"), RunLink),
         (url_path_join(base, "mpitasker/run/(.+)"), RunPage),
         (url_path_join(base, "mpitasker/api/runs"), RunsAPI),
         (url_path_join(base, "mpitasker/api/run/(.+)"), RunAPI),

@@ -5,6 +5,7 @@ import itertools
 import logging
 import os
 import sys
+import warnings
 
 from .errors import MPITaskerError, UsageError
 from .results import Results
@@ -227,8 +228,8 @@ class Tasker:
         return run_sweep(sweep, self.comm, "triples", self.in_memory if in_memory is None else in_memory)
 
 
-def mpimap(fn, iterable, output, *, comm=None, retries=0, force=False, chunksize=None, verbose=False,
-           on_code_change="warn", progress=True, timeout=None, prune=False, in_memory=False):
+def mpimap(fn, iterable, output=None, *, comm=None, retries=0, force=False, chunksize=None, verbose=False,
+           on_code_change="warn", progress=True, timeout=None, prune=False, in_memory=False, cache=None):
     """``[fn(x) for x in iterable]`` over MPI ranks, each result stored under ``output`` as it finishes.
 
     Run the same script on every rank (``mpiexec -n 4 python script.py``); every rank gets the results. A rerun
@@ -250,11 +251,20 @@ def mpimap(fn, iterable, output, *, comm=None, retries=0, force=False, chunksize
         A progress line on rank 0's stderr (default True).
 """ + _COMMON_PARAMETERS + """
 
+    cache : str or path
+        The former name of ``output`` (deprecated: it still works, with a ``DeprecationWarning``).
+
     Returns
     -------
     Results
         The results in the order of ``iterable``, read from disk when accessed (a list with ``in_memory=True``).
     """
+    if cache is not None:
+        if output is not None:
+            raise UsageError("mpimap got both output= and cache= (its former name); give output= only")
+        warnings.warn("mpimap(..., cache=PATH) is now mpimap(..., output=PATH); cache= will be removed",
+                      DeprecationWarning, stacklevel=2)
+        output = cache
     if output is None:
         raise UsageError("mpimap needs output='results.pkl': the output file that keeps finished jobs across "
                          "crashes and reruns")

@@ -6,8 +6,10 @@ feeds them lives in ``follow``).
 """
 
 import html
+import os
 import sys
 import time
+import urllib.parse
 
 from . import progress as progressmod
 from .status import ERROR, FAILED, FINISHED, INTERRUPTED, MISSING, RUNNING, STALE, STATES
@@ -29,11 +31,24 @@ def widgets_available():
     return True
 
 
-def make_view(title="", stream=None):
-    """The widget when it can render, else the text view."""
+def make_view(title="", stream=None, output=None):
+    """The widget when it can render (with a link to the run's page when ``output`` is given), else the text
+    view."""
     if stream is None and widgets_available():
-        return ProgressWidget(title)
+        return ProgressWidget(title, output)
     return TextProgress(stream or sys.stderr)
+
+
+def run_link_html(output):
+    """A link to the run of ``output``: JupyterLab's mpitasker extension opens it in a Lab tab (it handles
+    ``a[data-mpitasker-run]``); other front ends follow the href to the server's standalone run page. A kernel knows
+    the absolute path but not the server's root, so the href names it absolutely (``mpitasker/open?path=``) and
+    the server redirects to the page when the path lies under its root."""
+    path = os.path.abspath(os.fspath(output))
+    base = os.environ.get("JUPYTERHUB_SERVICE_PREFIX", "/")  # set for kernels of a JupyterHub user server
+    href = f"{base.rstrip('/')}/mpitasker/open?{urllib.parse.urlencode({'path': path})}"
+    return (f"<a class='mpitasker-open' data-mpitasker-run='{_esc(path)}' href='{_esc(href)}' target='_blank' "
+            "rel='noopener' title='the run in a JupyterLab tab, or its page on the Jupyter server'>open run</a>")
 
 
 class TextProgress:
@@ -76,12 +91,13 @@ _FAILED_COLOR = "#c62828"
 class ProgressWidget:
     """A bar with counts and rate/ETA, a per-rank table, and failures whose tracebacks open on click."""
 
-    def __init__(self, title=""):
+    def __init__(self, title="", output=None):
         import ipywidgets as w
         from IPython.display import display
 
         self._w = w
-        self.title = w.HTML(f"<b>{html.escape(title)}</b>")
+        link = f" &nbsp;<small>{run_link_html(output)}</small>" if output is not None else ""
+        self.title = w.HTML(f"<b>{html.escape(title)}</b>{link}")
         self.bar = w.HTML(bar_html(None), layout=w.Layout(width="35%", min_width="200px"))
         self.counts = w.HTML()
         self.counts.add_class("mpitasker-counts")

@@ -176,7 +176,16 @@ def test_a_live_plot_changes_in_place_while_the_run_goes(jupyterlab, mpi_cluster
         page.wait_for_selector("text=mpimap: 120 results", timeout=60000)
         page.locator(".jp-Cell").nth(1).screenshot(path=os.path.join(ARTIFACTS, "live-plot-final.png"))
         final = plot.get_attribute("src")
+        link = page.locator("a.mpitasker-open")                   # the widget's link opens the run in a Lab tab
+        href, run = link.first.get_attribute("href"), link.first.get_attribute("data-mpitasker-run")
+        link.first.click()
+        page.wait_for_selector(".mpitasker-runview", timeout=30000)
+        page.wait_for_function("() => document.querySelector('.mpitasker-runview').textContent.includes('120')",
+                               timeout=30000)
+        tab = page.locator("#jp-main-dock-panel .lm-TabBar-tab.lm-mod-current").first.inner_text()
+        page.screenshot(path=os.path.join(ARTIFACTS, "live-run-tab.png"))
         browser.close()
+    assert run == str(root / "curve.pkl") and href.startswith("/mpitasker/open?path=") and "curve.pkl" in tab, tab
     assert len(shots) == 2, "the plot did not change while the run went on"
     assert shots[0][0] != shots[1][0] and shots[0][1] != shots[1][1]    # another image, and it looks different
     assert final not in (shots[0][0], shots[1][0])                     # and the last call drew the whole curve

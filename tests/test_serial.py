@@ -181,3 +181,11 @@ def test_verbose_logs_a_line_per_job_and_quiet_logs_none(caplog):
     with caplog.at_level(logging.INFO, logger="mpitasker_ext"):
         mpimap(abs, [-4, -5], "q.pkl", progress=False)
     assert not any("done in" in r.getMessage() for r in caplog.records)
+
+
+def test_mpimap_still_takes_its_former_cache_keyword(tmp_path):
+    with pytest.warns(DeprecationWarning, match="output="):
+        assert list(mpimap(abs, [-1, 2], cache=str(tmp_path / "old.pkl"), progress=False)) == [1, 2]
+    assert (tmp_path / "old.pkl").exists()
+    with pytest.raises(UsageError, match="both output= and cache="):
+        mpimap(abs, [1], str(tmp_path / "a.pkl"), cache=str(tmp_path / "b.pkl"))

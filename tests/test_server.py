@@ -124,6 +124,30 @@ def test_paths_outside_the_root_are_refused(server, tmp_path, path):
     assert "root:x:0" not in str(body) and '"total": 9' not in str(body)
 
 
+def test_the_widget_link_leads_to_the_run_page_only_under_the_root(server, tmp_path):
+    """A kernel knows its output's absolute path, not the server's root: mpitasker/open?path= redirects to the
+    run's page when the path lies under the root, and refuses everything else."""
+    from urllib.parse import quote
+    for where in (server.root / "sweeps" / "a.pkl", tmp_path / "x.pkl"):
+        os.makedirs(f"{where}.mpi")
+        with open(f"{where}.mpi/status.json", "w") as f:
+            json.dump({"state": "running", "total": 9}, f)
+    os.symlink(tmp_path, server.root / "outside")
+    request = urllib.request.Request(server.base + "/mpitasker/open?path=" + quote(str(server.root / "sweeps/a.pkl")),
+                                     headers={"Authorization": f"token {server.token}"})
+    try:
+        urllib.request.build_opener(_NoRedirect).open(request, timeout=10)
+        raise AssertionError("no redirect")
+    except urllib.error.HTTPError as exc:
+        assert exc.code == 302 and exc.headers["Location"].endswith("/mpitasker/run/sweeps/a.pkl"), exc.headers
+    for path in (str(tmp_path / "x.pkl"), str(server.root / "outside" / "x.pkl"), "sweeps/a.pkl",
+                 str(server.root / "sweeps" / ".." / ".." / "x.pkl"), "/etc/passwd", ""):
+        status, body = server.get("/mpitasker/open?path=" + quote(path))
+        assert status == 404, (path, status)
+    status, _ = server.get("/mpitasker/open?path=" + quote(str(server.root / "sweeps" / "a.pkl")), token=False)
+    assert status in (302, 403) and status != 200
+
+
 def test_json_during_and_after_a_real_run(server, runner):
     proc = start_run(runner, server, 60, 0.05)
     seen = []
