@@ -1,6 +1,7 @@
 """Spread many similar jobs over MPI ranks with a restartable on-disk cache."""
 
 from .errors import CacheError, CodeChanged, JobsFailed, MPITaskerError, RunLocked, UsageError, WorkerError
+from .joboutput import job_output
 from .results import load
 from .tasker import Tasker, mpimap
 
@@ -24,5 +25,5 @@ def load_ipython_extension(ipython):
 
     load(ipython)
 
-__all__ = ["Tasker", "mpimap", "load", "MPITaskerError", "UsageError", "CacheError", "RunLocked", "CodeChanged",
-           "JobsFailed", "WorkerError", "load_ipython_extension", "__version__"]
+__all__ = ["Tasker", "mpimap", "load", "job_output", "MPITaskerError", "UsageError", "CacheError", "RunLocked",
+           "CodeChanged", "JobsFailed", "WorkerError", "load_ipython_extension", "__version__"]

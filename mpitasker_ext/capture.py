@@ -61,7 +61,8 @@ class OutputTail:
 
 class _CapturedStream(io.TextIOBase):
     """Stands in for ``sys.stdout``/``sys.stderr``: the capturing thread's text goes to the tail (and on to the
-    original stream with ``echo``); every other thread writes to the original stream untouched."""
+    original stream with ``echo``); every other thread writes to the original stream untouched, and so does
+    everyone once the capture ended (a logging handler a job created keeps this stream)."""
 
     def __init__(self, original, tail, owner, echo):
         super().__init__()
@@ -69,6 +70,9 @@ class _CapturedStream(io.TextIOBase):
         self._tail = tail
         self._owner = owner
         self._echo = echo
+
+    def release(self):
+        self._owner = None
 
     def write(self, text):
         if not isinstance(text, str):
@@ -107,17 +111,21 @@ class JobOutput:
         self.echo = echo
         self._tail = OutputTail(limit)
         self._saved = None
+        self._streams = ()
 
     def __enter__(self):
         owner = threading.get_ident()
         self._saved = (sys.stdout, sys.stderr)
-        sys.stdout = _CapturedStream(sys.stdout, self._tail, owner, self.echo)
-        sys.stderr = _CapturedStream(sys.stderr, self._tail, owner, self.echo)
+        self._streams = (_CapturedStream(sys.stdout, self._tail, owner, self.echo),
+                         _CapturedStream(sys.stderr, self._tail, owner, self.echo))
+        sys.stdout, sys.stderr = self._streams
         return self
 
     def __exit__(self, *exc_info):
         sys.stdout, sys.stderr = self._saved  # a job that replaced sys.stdout itself is undone here too
-        self._saved = None
+        for stream in self._streams:
+            stream.release()
+        self._saved, self._streams = None, ()
         return False
 
     def take(self):

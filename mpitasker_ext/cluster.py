@@ -307,7 +307,7 @@ def run_task(payload, token=0):
                                f"directory {task.cwd} ({exc.strerror}): run the engines where it exists") from exc
         sys.path[:0] = [p for p in task.sys_path if p not in sys.path]
         sweep = Sweep(task.job.function(), task.args, task.output, fingerprint=task.job.fingerprint,
-                      function_name="%%mpimap cell", **task.options)
+                      function_name="%%mpimap cell", echo_output=False, **task.options)
     except Exception as exc:  # noqa: BLE001 - any setup failure must reach every rank, see run_mpi
         setup_error = exc
     try:

@@ -14,14 +14,16 @@ import time
 import traceback
 
 from . import journal as journalmod
+from .capture import JobOutput
 from .identity import args_digest
 from .journal import RecordTooLarge, encode_failure
 from .payload import encode_value
-from .status import MAX_TRACEBACK, Failure, job_place
+from .status import MAX_FAILURE_OUTPUT, MAX_TRACEBACK, Failure, job_place
 
 log = logging.getLogger(__name__)
 
 MAX_TRACEBACK_STORED = 64_000  # kept in a failure record
+MESSAGE_OUTPUT_LINES = 20  # lines of the first failed job's output that JobsFailed's message shows
 _timeout_warned = []
 
 
@@ -97,10 +99,24 @@ def failure_place(failure, form="%s"):
 
 def failure_report(failure):
     """A failure record as ``JobsFailed.failures`` holds it: the traceback (or the error line), then where the
-    job ran, the way mpi4py tags a traceback from another rank."""
+    job ran, the way mpi4py tags a traceback from another rank, then the end of what the job printed."""
     text = failure["traceback"] or failure["error"]
     place = failure_place(failure, "(the job ran on %s)\n")
-    return text.rstrip("\n") + "\n" + place if place else text
+    text = text.rstrip("\n") + "\n" + place if place else text
+    output = failure.get("output")
+    if output:
+        text = text.rstrip("\n") + f"\noutput of job {failure['index']}:\n" + output[-MAX_FAILURE_OUTPUT:]
+    return text
+
+
+def output_lines(failure, count=MESSAGE_OUTPUT_LINES):
+    """The last ``count`` lines a failed job printed, under a heading that says so ('' when it printed
+    nothing): what an error message shows of it, never more than MAX_FAILURE_OUTPUT characters."""
+    output = failure.get("output")
+    if not output:
+        return ""
+    shown = "\n".join(output.splitlines()[-count:])[-MAX_FAILURE_OUTPUT:]
+    return f"output of job {failure['index']} (last lines):\n{shown}\n"
 
 
 def short_repr(value, limit=200):
@@ -147,22 +163,27 @@ def execute_job(fn, index, arg, timeout=None, rank=0):
 
 
 def run_batch(sweep, indices, journal, rank):
-    """Run a batch and journal each job as it ends; return (ok count, failures {index: status.Failure} with
-    tracebacks cut for the status file, seconds)."""
+    """Run a batch and journal each job as it ends, with what it printed (``capture``); return (ok count,
+    failures {index: status.Failure} with tracebacks and output cut for the status file, seconds)."""
     args, fn = sweep.args, sweep.fn
     start = time.perf_counter()
     ok_count, failures = 0, {}
     journal.start_batch(indices)
-    for index in indices:
-        arg = args[index]
-        encoded, failure, seconds = execute_job(fn, index, arg, sweep.timeout, rank)
-        if failure is None:
-            journal.append_value(index, args_digest(arg), seconds, encoded)
-            ok_count += 1
-        else:
-            journal.append(index, False, args_digest(arg), seconds, encode_failure(failure))
-            failures[index] = Failure(index, failure["error"], failure["traceback"][-MAX_TRACEBACK:], rank,
-                                      failure["host"])
-        if sweep.verbose:
-            log.info("rank %d: job %d %s in %.3f s", rank, index, "done" if failure is None else "FAILED", seconds)
+    with JobOutput(echo=sweep.echo_output) as captured:
+        for index in indices:
+            arg = args[index]
+            encoded, failure, seconds = execute_job(fn, index, arg, sweep.timeout, rank)
+            output = captured.take()
+            if failure is None:
+                journal.append_value(index, args_digest(arg), seconds, encoded, output)
+                ok_count += 1
+            else:
+                if output:
+                    failure["output"] = output
+                journal.append(index, False, args_digest(arg), seconds, encode_failure(failure))
+                failures[index] = Failure(index, failure["error"], failure["traceback"][-MAX_TRACEBACK:], rank,
+                                          failure["host"], (output or "")[-MAX_FAILURE_OUTPUT:])
+            if sweep.verbose:
+                log.info("rank %d: job %d %s in %.3f s", rank, index, "done" if failure is None else "FAILED",
+                         seconds)
     return ok_count, failures, time.perf_counter() - start

@@ -9,7 +9,8 @@ import collections.abc
 import logging
 import os
 
-from .execution import execute_job, failure_place, failure_report, short_repr
+from .capture import JobOutput
+from .execution import execute_job, failure_place, failure_report, output_lines, short_repr
 from .identity import args_digest
 from .payload import OpenJournals, decode_payload
 from .results import write_output
@@ -196,12 +197,14 @@ def _set_aside_the_rest(locations, journals, args):
 
 
 def _compute_again(sweep, prepared, index, journal):
-    encoded, failure, seconds = execute_job(sweep.fn, index, sweep.args[index], sweep.timeout)
+    with JobOutput(echo=sweep.echo_output) as captured:
+        encoded, failure, seconds = execute_job(sweep.fn, index, sweep.args[index], sweep.timeout)
+        output = captured.take()
     if failure is not None:
-        raise _Unloadable(index, failure)
+        raise _Unloadable(index, {**failure, "output": output} if output else failure)
     if not journal:
         journal.append(prepared.run.new_journal(0, code=prepared.fingerprint))
-    journal[0].append_value(index, args_digest(sweep.args[index]), seconds, encoded)
+    journal[0].append_value(index, args_digest(sweep.args[index]), seconds, encoded, output)
     return decode_payload(encoded.to_bytes()).load()
 
 
@@ -237,6 +240,7 @@ def _failure_outcome(run, failed, n, spelling):
                f"First failure, job {indices[0]} with argument {first['arg']}{failure_place(first, ' (%s)')}: "
                f"{first['error']}\n"
                f"{first['traceback']}"
+               f"{output_lines(first)}"
                f"The {n - len(indices)} finished jobs are cached in {run.run_dir}; fix the cause and rerun to "
                f"compute only the failed jobs (or pass {spelling.retries} to try them again in the same run).")
     failures = {i: failure_report(failed[i]) for i in indices[:1000]}

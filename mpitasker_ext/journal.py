@@ -27,11 +27,13 @@ FRAME = struct.Struct("<4sII")  # magic, body length, crc32 of body
 FIELDS = struct.Struct("<QB16sd")  # job index, kind, args digest, seconds spent
 FRAME_MAGIC = b"MTJ\x01"
 SET_ASIDE_MAGIC = b"MTJ\x00"  # a frame whose result no longer loads: every scan skips it, as damage
-OK, FAILED, STARTED = 0, 1, 2  # a STARTED record lists a batch a worker is about to run
+OK, FAILED, STARTED, OK_OUTPUT = 0, 1, 2, 3  # STARTED: a batch about to run; OK_OUTPUT: a result and its output
+OK_KINDS = (OK, OK_OUTPUT)  # records that hold a result
 MAX_RECORD = (1 << 32) - 1 - 64
 FAILURE_FIELDS = ("index", "arg", "error", "traceback")
 UNREADABLE_FAILURE = "(failure record unreadable)"
 _BATCH_INDEX = struct.Struct("<Q")  # a started record's payload: the batch's job indices, packed
+_OUTPUT_LENGTH = struct.Struct("<I")  # an OK_OUTPUT payload starts with the output's length in bytes
 _IOV_MAX = 1024  # parts per writev: IOV_MAX on Linux and the BSDs
 
 
@@ -52,18 +54,19 @@ class JobRecord:
 
     @property
     def ok(self):
-        return self.kind == OK
+        return self.kind in OK_KINDS
 
     def failure(self):
-        """A failed record's dict (index, arg, error, traceback); damage reads as an unreadable failure, never
-        as an exception, since a view must still show that the job failed."""
+        """A failed record's dict (index, arg, error, traceback, and rank, host and output when it has them);
+        damage reads as an unreadable failure, never as an exception, since a view must still show that the job
+        failed."""
         try:
             info = json.loads(self.payload.decode("utf-8")) if self.kind == FAILED else None
         except (UnicodeDecodeError, ValueError, RecursionError):
             info = None
         if (isinstance(info, dict) and type(info.get("index")) is int and info["index"] == self.index
                 and all(isinstance(info.get(key), str) for key in FAILURE_FIELDS[1:])):
-            return {**{key: info[key] for key in FAILURE_FIELDS}, **_failure_place(info)}
+            return {**{key: info[key] for key in FAILURE_FIELDS}, **_failure_place(info), **_failure_output(info)}
         return {"index": self.index, "arg": "?", "error": UNREADABLE_FAILURE, "traceback": ""}
 
     def batch(self):
@@ -100,10 +103,10 @@ def encode_record(index, kind, digest, seconds, payload):
 
 
 def encode_failure(info):
-    """A failed record's payload: UTF-8 JSON of index, arg (short repr), error line, traceback, and the rank and
-    host the job ran on."""
+    """A failed record's payload: UTF-8 JSON of index, arg (short repr), error line, traceback, the rank and
+    host the job ran on, and what it printed (only when it printed)."""
     record = {"index": int(info["index"]), **{key: str(info.get(key, "")) for key in FAILURE_FIELDS[1:]}}
-    return json.dumps({**record, **_failure_place(info)}).encode("utf-8")
+    return json.dumps({**record, **_failure_place(info), **_failure_output(info)}).encode("utf-8")
 
 
 def _failure_place(info):
@@ -114,6 +117,38 @@ def _failure_place(info):
     if isinstance(info.get("host"), str):
         place["host"] = info["host"]
     return place
+
+
+def _failure_output(info):
+    """The record's ``output`` when it is text that says something: older records, jobs that printed nothing
+    and planted records with anything else have none."""
+    output = info.get("output")
+    return {"output": output} if isinstance(output, str) and output else {}
+
+
+def encode_output_prefix(text):
+    """What an OK_OUTPUT payload starts with: the output's length in bytes (u32 LE), then the output as UTF-8
+    (text that is not valid Unicode, lone surrogates, is kept backslash-escaped). The ok payload follows."""
+    data = text.encode("utf-8", errors="backslashreplace")
+    return _OUTPUT_LENGTH.pack(len(data)) + data
+
+
+def output_prefix_end(payload):
+    """Where the ok payload starts in an OK_OUTPUT payload (after its output); ValueError when the output's
+    length runs past the payload."""
+    if len(payload) < _OUTPUT_LENGTH.size:
+        raise ValueError("the payload is shorter than its output's length")
+    end = _OUTPUT_LENGTH.size + _OUTPUT_LENGTH.unpack_from(payload, 0)[0]
+    if end > len(payload):
+        raise ValueError("the output runs past the end of the payload")
+    return end
+
+
+def decode_output_prefix(payload):
+    """The output an OK_OUTPUT payload starts with (``payload`` may hold just that prefix). Bytes that are not
+    valid UTF-8 (a damaged or planted record) read with replacements: reading an output never fails on its
+    bytes, and never touches the pickle after it."""
+    return bytes(payload[_OUTPUT_LENGTH.size:output_prefix_end(payload)]).decode("utf-8", errors="replace")
 
 
 def encode_batch(indices):
@@ -189,13 +224,15 @@ class JournalWriter:
         self._write(encode_record(index, OK if ok else FAILED, digest, seconds, payload))
         self._maybe_sync()
 
-    def append_value(self, index, digest, seconds, encoded):
+    def append_value(self, index, digest, seconds, encoded, output=None):
         """One finished job's result (``payload.encode_value``): framed as ``encode_record`` does, the CRC taken
-        over the parts in turn and everything written with one ``writev``, so an array's bytes are never copied."""
-        length = FIELDS.size + encoded.size
+        over the parts in turn and everything written with one ``writev``, so an array's bytes are never copied.
+        A job that printed (``output``) is an OK_OUTPUT record: its output goes before the ok payload."""
+        prefix = encode_output_prefix(output) if output else b""
+        length = FIELDS.size + len(prefix) + encoded.size
         if length > MAX_RECORD:
             raise RecordTooLarge(encoded.size)
-        fields = FIELDS.pack(index, OK, digest, seconds)
+        fields = FIELDS.pack(index, OK_OUTPUT if prefix else OK, digest, seconds) + prefix
         parts = encoded.parts()
         crc = zlib.crc32(fields)
         for part in parts:
@@ -243,6 +280,7 @@ class JournalWriter:
                 self._fd = None
 
 
-__all__ = ["FORMAT_VERSION", "OK", "FAILED", "STARTED", "MAX_RECORD", "JobRecord", "JournalInfo", "RecordTooLarge",
-           "encode_record", "encode_failure", "encode_batch", "header_line", "parse_header", "journal_code",
-           "journals_in", "JournalWriter"]
+__all__ = ["FORMAT_VERSION", "OK", "FAILED", "STARTED", "OK_OUTPUT", "OK_KINDS", "MAX_RECORD", "JobRecord",
+           "JournalInfo", "RecordTooLarge", "encode_record", "encode_failure", "encode_output_prefix",
+           "output_prefix_end", "decode_output_prefix", "encode_batch", "header_line", "parse_header",
+           "journal_code", "journals_in", "JournalWriter"]

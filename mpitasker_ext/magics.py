@@ -20,6 +20,7 @@ from . import cluster as clustermod
 from . import progress as progressmod
 from .errors import JobsFailed, UsageError
 from .follow import REFRESH_SECONDS, Follower, StatusMonitor, follow_run, started_since
+from .joboutput import job_output
 from .live import LiveResults, LiveView
 from .results import Results
 from .rundir import RunDir
@@ -44,12 +45,13 @@ def _cluster_options(func):
 
 class MapRun:
     """Handle of a ``--no-wait`` run: ``done()``, ``wait()``, ``result()``, ``partial()`` (what is finished so
-    far); the variable is set when it ends."""
+    far), ``output(i)`` (what job i printed); the variable is set when it ends. ``output_path`` is the run's output
+    file."""
 
     def __init__(self, future, finish, output, follower=None, args=None, since=None):
         self._future = future
         self._finish = finish
-        self.output = output
+        self.output_path = output
         self._follower = follower
         self._args = args
         self._since = since
@@ -63,14 +65,18 @@ class MapRun:
             self._values = self._finish(future)
         except BaseException as exc:  # noqa: BLE001 - kept and re-raised by result()
             self._error = exc
-            log.error("%%mpimap run for %s failed: %s", self.output, exc)
+            log.error("%%mpimap run for %s failed: %s", self.output_path, exc)
         finally:
             if self._follower is not None:
                 self._follower.stop()
 
     def status(self):
         """The run's progress model right now."""
-        return progressmod.read_progress(self.output)
+        return progressmod.read_progress(self.output_path)
+
+    def output(self, index):
+        """What job ``index`` printed ('' when nothing), as soon as the job has finished."""
+        return job_output(self.output_path, index)
 
     def done(self):
         return self._future.done()
@@ -92,18 +98,18 @@ class MapRun:
         added since the last one. Empty until the run has started (an earlier run's results are not shown)."""
         if self._values is not None:
             return dict(enumerate(self._values))
-        snapshot = progressmod.read_progress(self.output)
+        snapshot = progressmod.read_progress(self.output_path)
         if not started_since(snapshot, self._since) and not self.done():
             return {}
         if self._live is None:
-            self._live = LiveResults(self.output, self._args)
+            self._live = LiveResults(self.output_path, self._args)
         self._live.refresh()
         indices, _args, values = self._live.finished()
         return dict(zip(indices, values, strict=True))
 
     def __repr__(self):
         state = "running" if not self.done() else ("failed" if self._error else "finished")
-        return f"<%%mpimap run of {self.output}: {state}>"
+        return f"<%%mpimap run of {self.output_path}: {state}>"
 
 
 @dataclass(frozen=True)
@@ -257,7 +263,8 @@ class MPIMapMagics(Magics):
 
         view = self._view(plan)
         sweep = Sweep(plan.job.function(), plan.args, plan.output, fingerprint=plan.job.fingerprint,
-                      function_name="%%mpimap cell", monitor=StatusMonitor(view, REFRESH_SECONDS), **plan.options)
+                      function_name="%%mpimap cell", monitor=StatusMonitor(view, REFRESH_SECONDS), echo_output=False,
+                      **plan.options)
         started = time.time()
         if plan.no_wait:
             executor = ThreadPoolExecutor(1)
@@ -360,6 +367,9 @@ class MPIMapMagics(Magics):
 
     # -- %mpistatus ----------------------------------------------------------------------------------------------
     @magic_arguments.magic_arguments()
+    @magic_arguments.argument("--job", type=int, default=None, metavar="N",
+                              help="print what job N printed (its stdout and stderr, the last 64 KiB) instead "
+                                   "of the progress")
     @magic_arguments.argument("path", nargs="?", default=None,
                               help="a run's output file or its .mpi directory (default: this kernel's last "
                                    "%%%%mpimap run, else every run under the working directory)")
@@ -373,6 +383,11 @@ class MPIMapMagics(Magics):
             paths = [self._last_output]
         else:
             paths = progressmod.find_runs(os.getcwd(), max_depth=2)
+        if opts.job is not None:
+            if len(paths) != 1:
+                raise UsageError("--job N needs the run's output path, e.g. %mpistatus sweep.pkl --job 5")
+            self._print_job_output(paths[0], opts.job)
+            return
         if not paths:
             print(f"no runs under {os.getcwd()}: give the output path, e.g. %mpistatus sweep.pkl")
             return
@@ -382,6 +397,15 @@ class MPIMapMagics(Magics):
                 print(snapshot.note)
                 continue
             follow_run(path)
+
+
+    @staticmethod
+    def _print_job_output(path, index):
+        text = job_output(path, index)
+        if text:
+            print(text, end="" if text.endswith("\n") else "\n")
+        else:
+            print(f"(job {index} printed nothing)")
 
 
 def load(ipython):

@@ -14,7 +14,7 @@ from typing import NamedTuple
 
 from .errors import CacheError, UsageError
 from .files import pread_into
-from .journal import FIELDS, FRAME, FRAME_MAGIC, OK
+from .journal import FIELDS, FRAME, FRAME_MAGIC, OK_KINDS, OK_OUTPUT, output_prefix_end
 
 log = logging.getLogger(__name__)
 
@@ -228,10 +228,11 @@ def _load_frame(location, frame, n):
     if zlib.crc32(memoryview(frame)[_HEAD:]) != crc:
         raise _damaged(location, "its checksum does not match")
     kind = FIELDS.unpack_from(frame, _HEAD)[1]
-    if kind != OK:
+    if kind not in OK_KINDS:
         raise _damaged(location, f"it is not a result record (kind {kind})")
     try:
-        pickled = decode_payload(memoryview(frame)[_FIXED:])
+        start = _FIXED + (output_prefix_end(memoryview(frame)[_FIXED:]) if kind == OK_OUTPUT else 0)
+        pickled = decode_payload(memoryview(frame)[start:])
     except ValueError as exc:
         raise _damaged(location, str(exc)) from None
     return pickled.load()

@@ -16,7 +16,17 @@ from dataclasses import asdict, dataclass, field
 from .lock import writer_alive
 from .rundir import META_SUFFIX, RUN_SUFFIX, RunDir
 from .scan import scan_journals
-from .status import FINISHED, MISSING, RUNNING, SHOWN_FAILURES, STALE, Failure, RunStatus, int_field
+from .status import (
+    FINISHED,
+    MAX_FAILURE_OUTPUT,
+    MISSING,
+    RUNNING,
+    SHOWN_FAILURES,
+    STALE,
+    Failure,
+    RunStatus,
+    int_field,
+)
 
 STALE_AFTER = 10.0  # seconds without a heartbeat (status or lock, each every 2 s) before a remote writer is gone
 
@@ -167,7 +177,8 @@ def _failure_of(rec):
     """JSON, never a pickle (journal.JobRecord.failure); a damaged record still shows up as a failure, and one
     written before records said where the job ran shows no place."""
     info = rec.failure()
-    return Failure(rec.index, info["error"], info["traceback"], info.get("rank"), info.get("host", ""))
+    return Failure(rec.index, info["error"], info["traceback"], info.get("rank"), info.get("host", ""),
+                   info.get("output", "")[-MAX_FAILURE_OUTPUT:])
 
 
 def _finished(output):
@@ -237,8 +248,12 @@ def summary_parts(p):
     return parts
 
 
+TEXT_OUTPUT_LINES = 5  # lines of a failed job's output the text rendering shows under its error
+
+
 def render_text(p):
-    """The whole model as text: summary, per-rank table, failures (first line of each)."""
+    """The whole model as text: summary, per-rank table, failures (the error line of each, and the last lines
+    the job printed)."""
     lines = [summary_line(p)]
     if p.note and p.state != MISSING:
         lines.append(f"  note: {p.note}")
@@ -249,4 +264,7 @@ def render_text(p):
             lines.append(f"  {r.rank:>4}  {current:>11}  {r.done:>4}  {r.failed:>6}")
     for f in p.failures:
         lines.append(f"  failed job {f.index}" + (f" ({f.place})" if f.place else "") + f": {f.error}")
+        if f.output:
+            lines.append(f"    output of job {f.index} (last lines):")
+            lines += [f"    | {line}" for line in f.output.splitlines()[-TEXT_OUTPUT_LINES:]]
     return "\n".join(lines)

@@ -15,6 +15,7 @@ from .errors import CacheError, UsageError
 from .files import unlink_quietly
 from .payload import PROTOCOL, DamagedRecord, dumps, read_value
 from .rundir import RunDir
+from .scan import read_output
 from .store import INDEX, ResultStore, store_dir_for
 
 log = logging.getLogger(__name__)
@@ -50,7 +51,8 @@ class Results(collections.abc.Sequence):
         self._files = collections.OrderedDict()
 
     @property
-    def output(self):
+    def output_path(self):
+        """The output file these results belong to."""
         return self._store.output
 
     def __len__(self):
@@ -59,6 +61,9 @@ class Results(collections.abc.Sequence):
     def __getitem__(self, i):
         if isinstance(i, slice):
             return [self._item(j) for j in range(*i.indices(len(self)))]
+        return self._item(self._position(i))
+
+    def _position(self, i):
         try:
             i = i.__index__()
         except AttributeError:
@@ -68,7 +73,19 @@ class Results(collections.abc.Sequence):
             i += n
         if not 0 <= i < n:
             raise IndexError("Results index out of range")
-        return self._item(i)
+        return i
+
+    def output(self, i):
+        """What job ``i`` printed ('' when nothing), read from its record: the result is not unpickled."""
+        location = self._index[self._position(i)]
+        try:
+            return read_output(location)
+        except FileNotFoundError:
+            raise DamagedRecord(f"the journal {location.journal} holding job {i}'s record is gone (another run "
+                                "pruned or discarded it); rerun to recompute it") from None
+        except ValueError as exc:
+            raise DamagedRecord(f"the record of job {i} in {location.journal} cannot be read ({exc}); rerun to "
+                                "recompute it") from None
 
     def _item(self, i):
         location = self._index[i]
@@ -137,7 +154,7 @@ def load(output, kind="triples"):
     if kind not in KINDS:
         raise UsageError(f"kind must be one of {KINDS}, not {kind!r}")
     output = os.path.abspath(os.fspath(output))
-    if _index_describes(output):
+    if index_describes(output):
         return Results(output, kind=kind)
     with open(output, "rb") as f:
         data = pickle.load(f)
@@ -145,7 +162,7 @@ def load(output, kind="triples"):
     return triples if kind == "triples" else [value for _index, _arg, value in triples]
 
 
-def _index_describes(output):
+def index_describes(output):
     """The store's index is for this output: the output is gone, or ``.code.json`` names its size and mtime."""
     if not os.path.exists(os.path.join(store_dir_for(output), INDEX)):
         return False
@@ -241,4 +258,4 @@ def write_output(output, n, triple_at, size_at=None):
         raise
 
 
-__all__ = ["Results", "load", "write_output", "KINDS"]
+__all__ = ["Results", "load", "index_describes", "write_output", "KINDS"]

@@ -21,10 +21,12 @@ from .journal import (
     FORMAT_VERSION,
     FRAME,
     FRAME_MAGIC,
-    OK,
+    OK_KINDS,
+    OK_OUTPUT,
     STARTED,
     JobRecord,
     JournalInfo,
+    decode_output_prefix,
     parse_header,
 )
 
@@ -159,7 +161,7 @@ def _scan_file(path, f, scan):
     batch, unfinished = None, set()
     records = old = 0
     for pos, length, index, kind, digest, seconds, payload in frames:
-        if kind == OK:
+        if kind in OK_KINDS:
             records += 1
             if not usable:
                 old += 1
@@ -190,12 +192,52 @@ def journal_records(path):
         with open_regular(path) as f:
             version, _header, frames = _journal(path, f)
             for _pos, _length, index, kind, digest, seconds, payload in frames:
-                if kind != OK:
+                if kind not in OK_KINDS:
                     yield JobRecord(index, kind, digest, seconds, payload)
                 elif version == FORMAT_VERSION:
                     yield JobRecord(index, kind, digest, seconds, b"")
     except OSError as exc:
         _unreadable(path, exc)
+
+
+def job_records(path, index):
+    """(writer info from the header line, ``[(JobRecord, Location)]``): the finished records of job ``index`` in
+    one journal, in file order, from the same walk. An ok record's payload is not read (its output is read by
+    ``read_output``); a failed one's (small JSON) is kept. Nothing when the file is not a format-3 journal."""
+    found = []
+    try:
+        with open_regular(path) as f:
+            version, header, frames = _journal(path, f)
+            for pos, length, rec_index, kind, digest, seconds, payload in frames:
+                if rec_index != index or kind == STARTED or version != FORMAT_VERSION:
+                    continue
+                record = JobRecord(index, kind, digest, seconds, b"" if kind in OK_KINDS else payload)
+                found.append((record, Location(path, pos, length)))
+    except OSError as exc:
+        _unreadable(path, exc)
+        return {}, []
+    return header or {}, found
+
+
+def read_output(location):
+    """What the job of the ok record at ``location`` printed ('' for a record without output, kind 0), read from
+    the prefix before its pickle: the pickle is never read into a value. The frame's checksum is checked (in
+    chunks, so a large result costs no more memory than a window); damage raises ``ValueError``."""
+    journal, offset, length = location
+    with open_regular(journal) as f:
+        f.seek(offset)
+        head = f.read(min(length, CHUNK))
+        if len(head) < _FIXED:
+            raise ValueError(f"no whole record at byte {offset} of {journal}")
+        magic, body_length, crc = FRAME.unpack_from(head, 0)
+        if magic != FRAME_MAGIC or body_length + _HEAD != length:
+            raise ValueError(f"no record starts at byte {offset} of {journal}")
+        kind = FIELDS.unpack_from(head, _HEAD)[1]
+        if kind not in OK_KINDS:
+            raise ValueError(f"the record at byte {offset} of {journal} is not a result (kind {kind})")
+        if not _crc_streamed(f, memoryview(head)[_HEAD:], offset + len(head), offset + length, crc):
+            raise ValueError(f"the record at byte {offset} of {journal} is damaged (its checksum does not match)")
+    return decode_output_prefix(memoryview(head)[_FIXED:]) if kind == OK_OUTPUT else ""
 
 
 def _unreadable(path, exc):
@@ -263,7 +305,7 @@ def _frames(path, f, size, first, base=0, pos=None, growing=None):
                     good = False
                 if good:
                     index, kind, digest, seconds = fields_unpack(buf, rel + _HEAD)
-                    payload = None if kind == OK else bytes(view[rel + _FIXED:end]) if end <= len(buf) else b""
+                    payload = None if kind in OK_KINDS else bytes(view[rel + _FIXED:end]) if end <= len(buf) else b""
                     yield pos, _HEAD + length, index, kind, digest, seconds, payload
                     pos = stop
                     continue
@@ -340,9 +382,10 @@ def read_appended(path, start=0):
         growing = []
         for frame_pos, length, index, kind, digest, _seconds, _payload in _frames(path, f, size, first, base, pos,
                                                                                  growing):
-            if kind == OK:
+            if kind in OK_KINDS:
                 records.append((index, digest, Location(path, frame_pos, length)))
     return records, growing[0] if growing else size
 
 
-__all__ = ["Location", "LocationMap", "Scan", "scan_journals", "journal_records", "read_appended"]
+__all__ = ["Location", "LocationMap", "Scan", "scan_journals", "journal_records", "job_records", "read_output",
+           "read_appended"]

@@ -22,6 +22,7 @@ STATES = (RUNNING, FINISHED, FAILED, ERROR, INTERRUPTED, STALE, MISSING)
 
 SHOWN_FAILURES = 20  # failures a status lists (the first by job index), each traceback cut to MAX_TRACEBACK
 MAX_TRACEBACK = 4000  # characters of a traceback kept in a status
+MAX_FAILURE_OUTPUT = 4000  # characters of a failed job's printed output kept in a status (its end)
 
 
 def job_place(rank, host):
@@ -47,13 +48,14 @@ class RankState:
 @dataclass
 class Failure:
     """A failed job as the views show it; ``rank`` and ``host`` say where it ran (None and '' in records
-    written before they were kept)."""
+    written before they were kept), ``output`` the end of what it printed ('' when nothing)."""
 
     index: int
     error: str
     traceback: str = ""
     rank: int | None = None
     host: str = ""
+    output: str = ""
 
     @property
     def place(self):
@@ -61,7 +63,7 @@ class Failure:
 
     def to_json(self):
         return {"index": self.index, "error": self.error, "traceback": self.traceback, "rank": self.rank,
-                "host": self.host}
+                "host": self.host, "output": self.output}
 
 
 @dataclass(frozen=True)
@@ -163,8 +165,9 @@ def _ranks(ranks):
 
 
 def _failures(failures):
-    """``[{"index", "error", "traceback", "rank", "host"}]``: an entry without an int index or with non-text
-    error or traceback is dropped; a rank or host of the wrong type (or none, in older files) reads as unknown."""
+    """``[{"index", "error", "traceback", "rank", "host", "output"}]``: an entry without an int index or with
+    non-text error or traceback is dropped; a rank, host or output of the wrong type (or none, in older files)
+    reads as unknown (no output)."""
     if not isinstance(failures, list):
         return ()
     found = []
@@ -172,5 +175,6 @@ def _failures(failures):
         if isinstance(f, dict) and type(f.get("index")) is int:
             error, text = f.get("error", ""), f.get("traceback", "")
             if isinstance(error, str) and isinstance(text, str):
-                found.append(Failure(f["index"], error, text, int_field(f, "rank", None), text_field(f, "host")))
+                found.append(Failure(f["index"], error, text, int_field(f, "rank", None), text_field(f, "host"),
+                                     text_field(f, "output")[-MAX_FAILURE_OUTPUT:]))
     return tuple(found)

@@ -40,6 +40,7 @@ class Sweep:
     prune: bool = False  # after success, drop stored results whose argument is not in this grid
     monitor: object = None  # called on rank 0 with each status.RunStatus written (a text progress view, say)
     spelling: Spelling = SCRIPT_SPELLING  # how messages name the options
+    echo_output: bool = True  # a job's printed output also goes to this rank's stdout/stderr (scripts)
 
     def __post_init__(self):
         if self.on_code_change not in CODE_CHANGE_POLICIES:

@@ -120,17 +120,27 @@ class ProgressWidget:
                              f"data-total='{_esc(progress.total)}'>"
                              f"{html.escape(' | '.join(parts))}</span>")
         self.ranks.value = _ranks_table(progress)
-        shown = tuple((f.index, f.error) for f in progress.failures)
+        shown = tuple((f.index, f.error, len(f.output)) for f in progress.failures)
         if shown != self._shown_failures:
             self._shown_failures = shown
             w = self._w
-            children = [w.HTML(f"<pre>{html.escape(f.traceback or f.error)}</pre>") for f in progress.failures]
+            children = [w.HTML(failure_html(f)) for f in progress.failures]
             self.failures.children = children
             for i, f in enumerate(progress.failures):     # a title is set as text (textContent), not as HTML
                 self.failures.set_title(i, f"job {f.index}: {f.error}"[:120])
 
     def close(self, progress):
         self.update(progress)
+
+
+def failure_html(failure):
+    """A failure's entry: its traceback, then the end of what the job printed, both escaped (the model may come
+    from a planted journal or status file)."""
+    text = f"<pre>{html.escape(failure.traceback or failure.error)}</pre>"
+    if failure.output:
+        text += (f"<div>output of job {_esc(failure.index)} (last lines):</div>"
+                 f"<pre class='mpitasker-output'>{html.escape(failure.output)}</pre>")
+    return text
 
 
 def bar_fractions(progress):

@@ -61,3 +61,11 @@ def test_a_job_replacing_sys_stdout_is_undone():
     with JobOutput():
         sys.stdout = open("/dev/null", "w")  # noqa: SIM115 - what a careless job does
     assert sys.stdout is before
+
+
+def test_a_stream_kept_after_the_capture_writes_where_it_wrote_before(capsys):
+    with JobOutput() as out:
+        kept_stream = sys.stdout            # what logging.basicConfig() inside a job would hold on to
+    kept_stream.write("after the capture\n")
+    assert out.take() is None
+    assert capsys.readouterr().out == "after the capture\n"

@@ -110,12 +110,19 @@ def test_job_errors_show_index_argument_and_cell_line(shell, mpi_cluster, tmp_pa
         list(range(1, 11))
 
 
-def test_no_wait_returns_a_handle_and_assigns_later(shell, mpi_cluster):
+def test_no_wait_returns_a_handle_and_assigns_later(shell, mpi_cluster, capsys):
     handle = shell.run_cell_magic("mpimap", f"{ON} --no-wait -o later nw.pkl for x in range(30)",
-                                  "import time\ntime.sleep(0.02)\nx * x")
+                                  "import time\ntime.sleep(0.02)\nif x % 2:\n    print('odd', x)\nx * x")
     assert handle.result(timeout=60) == [x * x for x in range(30)]
     assert shell.user_ns["later"] == [x * x for x in range(30)]
-    assert "finished" in repr(handle)
+    assert "finished" in repr(handle) and handle.output_path.endswith("nw.pkl")
+    assert (handle.output(3), handle.output(4)) == ("odd 3\n", "")
+    capsys.readouterr()
+    shell.run_line_magic("mpistatus", "nw.pkl --job 29")
+    shell.run_line_magic("mpistatus", "--job 28")          # this kernel's last run
+    assert capsys.readouterr().out == "odd 29\n(job 28 printed nothing)\n"
+    with pytest.raises(UsageError, match="out of range"):
+        shell.run_line_magic("mpistatus", "nw.pkl --job 30")
 
 
 def test_serial_fallback_without_a_cluster_warns(shell, tmp_path, capsys):

@@ -76,6 +76,43 @@ def test_failed_jobs_in_a_notebook_keep_the_count_the_spelling_and_a_proportiona
     assert "class='mpitasker-bar-failed' data-fraction='0.016667'" in bar
 
 
+def test_printing_jobs_never_flood_a_cell_and_their_output_is_kept(tmp_path, mpi_cluster):
+    """10,000 jobs that print make no line in the cell; %mpistatus --job N shows one job's text; a failed job's
+    output is in the error, in JobsFailed.failures and in the widget's failure entry. The serial run in the
+    kernel does not print per job either."""
+    code = [
+        "%load_ext mpitasker_ext",
+        f"%%mpimap --profile {CLUSTER_PROFILE} talk.pkl for x in range(10000)\nprint(f'job {{x}} says hi')\nx",
+        "%mpistatus talk.pkl --job 5",
+        f"%%mpimap --profile {CLUSTER_PROFILE} bad.pkl for x in range(20)\nprint(f'checking {{x}}')\n"
+        "if x == 13:\n    print('<b>about to fail</b>')\n    raise ValueError('thirteen')\nx",
+        "import sys\nprint(sys.last_value.failures[13])",
+        "%%mpimap here.pkl for x in range(300)\nprint(f'serial {x} says hi')\nx",
+        "%mpistatus here.pkl --job 299",
+    ]
+    nb = nbformat.v4.new_notebook()
+    nb.cells = [nbformat.v4.new_code_cell(source) for source in code]
+    nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
+    NotebookClient(nb, timeout=300, kernel_name="python3", allow_errors=True,
+                   resources={"metadata": {"path": str(tmp_path)}}).execute()
+
+    def text(cell):
+        return "".join(out.get("text", "") for out in nb.cells[cell].outputs if out.output_type == "stream")
+
+    assert "says hi" not in text(1) and "10000 results in" in text(1) and len(text(1).splitlines()) < 5
+    assert text(2) == "job 5 says hi\n"
+    [error] = [out for out in nb.cells[3].outputs if out.output_type == "error"]
+    shown = "\n".join(error.traceback)
+    assert error.ename == "JobsFailed" and "checking" not in text(3)
+    assert "output of job 13 (last lines):\nchecking 13\n<b>about to fail</b>\n" in shown
+    assert text(4).endswith("output of job 13:\nchecking 13\n<b>about to fail</b>\n\n")
+    states = nb.metadata["widgets"]["application/vnd.jupyter.widget-state+json"]["state"].values()
+    entries = [m["state"]["value"] for m in states if "output of job 13" in str(m["state"].get("value", ""))]
+    assert entries and "checking 13\n&lt;b&gt;about to fail&lt;/b&gt;" in entries[0]
+    assert "says hi" not in text(5) and "300 results in" in text(5)
+    assert text(6) == "serial 299 says hi\n"
+
+
 @pytest.fixture
 def kernel(tmp_path):
     km, kc = start_new_kernel(kernel_name="python3", cwd=str(tmp_path))

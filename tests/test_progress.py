@@ -125,7 +125,7 @@ def test_the_status_file_has_one_format_written_and_read_by_the_status_module():
     assert list(written) == ["format", "state", "output", "total", "done", "cached", "computed", "failed", "running",
                              "pending", "rate", "started", "updated", "host", "pid", "workers", "ranks", "failures"]
     assert written["ranks"] == sample_status()["ranks"]
-    assert written["failures"] == [dict(sample_status()["failures"][0], rank=None, host="")]
+    assert written["failures"] == [dict(sample_status()["failures"][0], rank=None, host="", output="")]
     with pytest.raises(ValueError):
         sm.RunStatus("done")                          # a writer names one of the states
     assert set(sm.STATES) == {"running", "finished", "failed", "error", "interrupted", "stale", "missing"}
@@ -141,11 +141,26 @@ def test_failures_say_where_the_job_ran_and_older_ones_do_not():
     p = pm.from_status(sample_status(failures=[placed]), now=1012.0)
     assert (p.failures[0].rank, p.failures[0].host) == (2, "node7")
     assert "failed job 7 (rank 2 on node7): ValueError: bad 7" in pm.render_text(p)
-    assert p.to_dict()["failures"] == [placed]         # the server's JSON API carries them too
+    assert p.to_dict()["failures"] == [dict(placed, output="")]   # the server's JSON API carries them too
     for rank, host in ((True, 5), ("2", None), (None, ["x"])):
         odd = pm.from_status(sample_status(failures=[dict(placed, rank=rank, host=host)]), now=1012.0)
         assert (odd.failures[0].rank, odd.failures[0].host) == (None, "")
         assert "failed job 7: ValueError: bad 7" in pm.render_text(odd)
+
+
+def test_a_failed_jobs_output_is_shown_with_it_and_type_checked():
+    printed = "".join(f"line {i}\n" for i in range(10)) + "x" * 5000
+    failure = {"index": 7, "error": "ValueError: bad 7", "traceback": "Traceback ...", "output": printed}
+    p = pm.from_status(sample_status(failures=[failure]), now=1012.0)
+    assert p.failures[0].output == printed[-sm.MAX_FAILURE_OUTPUT:]      # the end, where the error usually is
+    assert p.to_dict()["failures"][0]["output"] == printed[-sm.MAX_FAILURE_OUTPUT:]
+    short = pm.from_status(sample_status(failures=[dict(failure, output="starting\nstep 1\nstep 2\n")]))
+    text = pm.render_text(short)
+    assert "failed job 7: ValueError: bad 7\n    output of job 7 (last lines):\n    | starting\n" in text
+    assert text.endswith("    | step 2")
+    for odd in (5, ["x"], {"a": 1}, None):
+        planted = pm.from_status(sample_status(failures=[dict(failure, output=odd)]), now=1012.0)
+        assert planted.failures[0].output == "" and "output of job" not in pm.render_text(planted)
 
 
 def test_a_stale_run_reads_where_its_jobs_failed_from_the_journals(tmp_path):
@@ -189,6 +204,12 @@ def test_widget_view_renders_the_model():
     assert widget.failures.get_title(0).startswith("job 7: ValueError")
     widget.update(pm.from_status(sample_status(failures=[{"index": 1, "error": "<b>x</b>", "traceback": "<t>"}])))
     assert "&lt;t&gt;" in widget.failures.children[0].value
+    assert "output of job" not in widget.failures.children[0].value
+    printed = {"index": 1, "error": "E", "traceback": "<t>", "output": "step <script>alert(1)</script>\n"}
+    widget.update(pm.from_status(sample_status(failures=[printed])))
+    entry = widget.failures.children[0].value
+    assert "output of job 1 (last lines):" in entry and "<script>" not in entry
+    assert entry.index("&lt;t&gt;") < entry.index("step &lt;script&gt;alert(1)&lt;/script&gt;")
 
 
 def test_mpistatus_magic_shows_any_run_directory(runner, capsys):

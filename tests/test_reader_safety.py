@@ -9,6 +9,7 @@ import json
 import os
 import pickle
 import shlex
+import struct
 import subprocess
 import sys
 import time
@@ -175,6 +176,33 @@ def test_failed_and_started_payloads_are_plain_data(tmp_path):
         bad = journal.JobRecord(5, journal.FAILED, bytes(16), 0.0, payload).failure()
         assert bad == {"index": 5, "arg": "?", "error": "(failure record unreadable)", "traceback": ""}
     assert journal.JobRecord(5, journal.STARTED, bytes(16), 0.0, b"\x01\x02\x03").batch() == []
+
+
+def test_a_jobs_output_is_read_without_touching_the_pickle_and_type_checked(tmp_path):
+    """An ok record with output (kind 3) whose pickle runs a command: its output is read, its pickle never; a
+    failed record whose output is not text reads as no output."""
+    from mpitasker_ext import job_output
+
+    marker = tmp_path / "ran-ok"
+    run = rundir.RunDir(str(tmp_path / "out.pkl"))
+    run.create()
+    run.write_manifest(3, "code")
+    writer = run.new_journal(1)
+    evil = pickle.dumps(_RunsCommand(str(marker)))
+    payload = journal.encode_output_prefix(f"printed {XSS}\n") + struct.pack("<IQ", 0, len(evil)) + evil
+    writer.append(0, True, bytes(16), 0.1, b"")                     # kind 0 without output reads as ''
+    with open(writer.path, "ab") as f:
+        f.write(journal.encode_record(1, journal.OK_OUTPUT, bytes(16), 0.1, payload))
+    for index, output in ((2, 5), (2, ["x"]), (2, {"a": 1})):
+        info = {"index": index, "arg": "2", "error": "E", "traceback": "", "output": output}
+        writer.append(index, False, b"\x02" * 16, 0.1, json.dumps(info).encode())
+    writer.close()
+    assert job_output(run.output, 1) == f"printed {XSS}\n" and job_output(run.output, 0) == ""
+    assert job_output(run.output, 2) == ""
+    [failed] = [r for r in journal_records(writer.path) if r.kind == journal.FAILED][-1:]
+    assert "output" not in failed.failure()
+    assert [f.output for f in progress.read_progress(run.output).failures] == [""]
+    assert not marker.exists()
 
 
 def test_a_format_1_journal_is_skipped_with_a_warning(tmp_path, caplog):

@@ -21,6 +21,7 @@ SLOW_JOB = """
     def work(x):
         time.sleep(float(sys.argv[2]))
         if x == 7:
+            print('<b>checked</b> job', x)
             raise ValueError('<script>alert(1)</script> seven')
         return x
     mpimap(work, range(int(sys.argv[1])), 'sweeps/a.pkl', progress=False)
@@ -167,6 +168,7 @@ def test_json_during_and_after_a_real_run(server, runner):
     status, run = server.get("/mpitasker/api/run/sweeps/a.pkl")
     assert status == 200 and run["state"] == "failed" and run["done"] == 59 and run["failed"] == 1
     assert run["failures"][0]["index"] == 7 and "seven" in run["failures"][0]["traceback"]
+    assert run["failures"][0]["output"] == "<b>checked</b> job 7\n"
     assert [r["rank"] for r in run["ranks"]] == [1, 2] and run["total"] == 60
     page_status, page = server.get("/mpitasker/run/sweeps/a.pkl", raw=True)
     assert page_status == 200 and "<script>alert(1)" not in page
@@ -224,12 +226,14 @@ def test_browser_sees_the_dashboard_move(server, runner):
         page.locator("details.failure summary").first.click()
         page.wait_for_selector("details.failure[open] pre")
         text = page.locator("details.failure pre").first.inner_text()
+        printed = page.locator("details.failure pre.output").first.inner_text()
         page.screenshot(path=os.path.join(ARTIFACTS, "dashboard-run.png"))
         browser.close()
     proc.wait(60)
     assert len(values) >= 3 and values == sorted(values), values
     assert values[-1] == 299
     assert "<script>alert(1)</script> seven" in text       # shown as text, not executed
+    assert printed.strip() == "<b>checked</b> job 7"      # the job's output under its traceback, as text
 
 
 DENYING_AUTHORIZER = """

@@ -177,6 +177,35 @@ def test_frames_bigger_than_the_scan_window_are_checked_in_chunks(run, monkeypat
     assert payload.read_value(scan.ok[digest(4)]) == "small" and (payload.read_value(scan.ok[digest(3)]) == 3).all()
 
 
+def test_an_ok_record_with_output_gives_its_value_and_its_output_apart(run, tmp_path, monkeypatch):
+    """Kind 3: the output before the ok payload. Values read as from kind 0 (arrays out of band included); the
+    output is read without the pickle, even from a frame larger than the scan window; damage is named."""
+    monkeypatch.setattr(scanmod, "CHUNK", 64 * 1024)
+    marker = tmp_path / "unpickled"
+    w = run.new_journal(1)
+    big = np.arange(50000, dtype=np.float64)
+    w.append_value(0, digest(0), 0.0, payload.encode_value(big), output="héllo \udcff\n")
+    w.append_value(1, digest(1), 0.0, payload.Encoded(pickle.dumps(Touching(str(marker), 1)), []), output="one\n")
+    w.append_value(2, digest(2), 0.0, payload.encode_value("plain"))
+    w.close()
+    scan = scan_journals([w.path])
+    kinds = [r.kind for r in scanmod.journal_records(w.path)]
+    assert kinds == [journal.OK_OUTPUT, journal.OK_OUTPUT, journal.OK] and scan.records == 3
+    assert scanmod.read_output(scan.ok[digest(0)]) == "héllo \\udcff\n"    # a lone surrogate kept escaped
+    assert scanmod.read_output(scan.ok[digest(1)]) == "one\n" and not marker.exists()
+    assert scanmod.read_output(scan.ok[digest(2)]) == ""
+    assert (payload.read_value(scan.ok[digest(0)]) == big).all() and payload.read_value(scan.ok[digest(2)]) == "plain"
+    journals = payload.OpenJournals()
+    assert (journals.read_value(scan.ok[digest(0)]) == big).all()
+    journals.close()
+    loc = scan.ok[digest(0)]
+    with open(w.path, "r+b") as f:
+        f.seek(loc.offset + loc.length - 100)
+        f.write(b"\0" * 8)
+    with pytest.raises(ValueError, match="checksum"):
+        scanmod.read_output(loc)
+
+
 def test_scanning_never_unpickles(run, tmp_path):
     marker = tmp_path / "unpickled"
     w = run.new_journal(1)

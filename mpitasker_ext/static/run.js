@@ -8,7 +8,8 @@ async function refresh() {
       <td>${num(k.done)}</td><td>${num(k.failed)}</td></tr>`).join("");
     const failures = r.failures.map(f => `<details class="failure" data-index="${num(f.index)}"
       ${open.has(String(f.index)) ? "open" : ""}><summary>job ${num(f.index)}: ${esc(f.error)}</summary>
-      <pre>${esc(f.traceback || f.error)}</pre></details>`).join("");
+      <pre>${esc(f.traceback || f.error)}</pre>${f.output ? `<div class="muted">output of job ${num(f.index)}
+      (last lines):</div><pre class="output">${esc(f.output)}</pre>` : ""}</details>`).join("");
     document.getElementById("content").innerHTML = `
       <p><span class="${esc(r.state)} state"><b>${esc(r.state)}</b></span> ${bar(r)}
          <span class="counts" data-done="${num(r.done)}" data-total="${num(r.total)}">${num(r.done)}/${num(r.total)} done</span>
