@@ -5,6 +5,7 @@ Every rank already holds the function and the arguments, so messages carry only 
 travel over MPI (they are in the store).
 """
 
+import contextlib
 import logging
 import math
 from collections import deque
@@ -33,34 +34,46 @@ def batch_size(seconds_per_job, remaining, nworkers, chunksize=None):
     return max(1, min(size, fair, remaining))
 
 
-def run_rank0(sweep, comm, MPI):
-    """Rank 0 of ``run_mpi``: returns the ``Outcome`` every rank was sent, or raises after telling the workers."""
-    try:
-        prepared = prepare(sweep)
-    except BaseException as exc:
-        _send_final(comm, Outcome.from_exception(exc))
-        raise
-    ledger = Ledger(prepared.run, len(sweep.args), prepared.cached, comm.size - 1, sweep.monitor)
-    log.info("%d jobs: %d cached, %d to run on %d workers", len(sweep.args), prepared.cached,
-             len(prepared.pending), comm.size - 1)
-    gone = set()
+@contextlib.contextmanager
+def rank0_run(sweep, nworkers):
+    """The skeleton of a run on rank 0, the same for the serial and the MPI loop: ``prepare`` (which takes the
+    run's lock), the ledger and its first status, and on every way out the lock released (once the run directory
+    is removed, on success) and an error's state recorded. Yields ``(prepared, ledger)``."""
+    prepared = prepare(sweep)
+    ledger = Ledger(prepared.run, len(sweep.args), prepared.cached, nworkers, sweep.monitor)
+    log.info("%d jobs: %d cached, %d to run %s", len(sweep.args), prepared.cached, len(prepared.pending),
+             f"on {nworkers} workers" if nworkers else "serially")
     try:
         ledger.maybe_write(force=True)
-        fatal = _dispatch(sweep, comm, MPI, prepared, ledger, gone)
-        fatal = _stop_workers(comm, MPI, gone) or fatal
-        if fatal:
-            ledger.maybe_write(FAILED, force=True)
-            prepared.run.release_lock()
-            outcome = Outcome(error_type="WorkerError", message=(
-                f"{fatal}\nThe finished jobs are kept in {prepared.run.run_dir}; fix the cause and rerun."))
-        else:
-            outcome = finish(sweep, prepared, ledger)
-        return _send_final(comm, outcome, skip=gone)
+        yield prepared, ledger
     except BaseException as exc:
         ledger.record_stop(exc)
-        prepared.run.release_lock()
-        _abort_workers(comm, exc, gone)
         raise
+    finally:
+        prepared.run.release_lock()
+
+
+def run_rank0(sweep, comm, MPI):
+    """Rank 0 of ``run_mpi``: returns the ``Outcome`` every rank was sent, or raises after telling the workers."""
+    gone, started = set(), False
+    try:
+        with rank0_run(sweep, comm.size - 1) as (prepared, ledger):
+            started = True
+            fatal = _dispatch(sweep, comm, MPI, prepared, ledger, gone)
+            fatal = _stop_workers(comm, MPI, gone) or fatal
+            if fatal:
+                ledger.maybe_write(FAILED, force=True)
+                outcome = Outcome(error_type="WorkerError", message=(
+                    f"{fatal}\nThe finished jobs are kept in {prepared.run.run_dir}; fix the cause and rerun."))
+            else:
+                outcome = finish(sweep, prepared, ledger)
+    except BaseException as exc:
+        if started:                                # workers may be inside a batch: tell them, never block
+            _abort_workers(comm, exc, gone)
+        else:                                      # nothing was sent yet: every worker waits for this outcome
+            _send_final(comm, Outcome.from_exception(exc))
+        raise
+    return _send_final(comm, outcome, skip=gone)
 
 
 def _send_final(comm, outcome, skip=()):

@@ -95,7 +95,6 @@ def finish(sweep, prepared, ledger):
     missing = locations.freeze()
     if missing:
         ledger.maybe_write(FAILED, force=True)
-        run.release_lock()
         failures = {**before.failed, **new.failed}
         failed = {i: failures[digests[i]].failure() for i in missing if digests[i] in failures}
         if failed:
@@ -115,19 +114,15 @@ def finish(sweep, prepared, ledger):
         _keep_results(sweep, prepared, locations, grid, ledger.status(FINISHED).to_json())
     except _Unloadable as bad:
         ledger.maybe_write(FAILED, force=True)
-        run.release_lock()
         return _failure_outcome(run, {bad.index: bad.failure}, n, sweep.spelling)
     except OSError as exc:
         ledger.maybe_write(ERROR, force=True)
-        run.release_lock()
         return Outcome.from_exception(disk_error(run, "write the output of", exc))
     try:
-        run.remove()
-    except OSError as exc:
+        run.remove()                           # under the lock (the caller releases it): nobody may start in a
+    except OSError as exc:                     # directory being deleted
         log.warning("the output %s is complete, but cleaning up %s failed (%s); delete it by hand",
                     run.output, run.run_dir, exc)
-    finally:
-        run.release_lock()                     # after the removal: nobody may start in a directory we delete
     ledger.notify_final(FINISHED)
     return Outcome(ok=True, total=n)
 

@@ -9,12 +9,11 @@ The loops live apart: rank 0's in ``dispatch``, the workers' in ``worker``, the 
 import logging
 from collections import deque
 
-from .dispatch import run_rank0
+from .dispatch import rank0_run, run_rank0
 from .execution import run_batch
 from .finish import finish
-from .ledger import Ledger
 from .protocol import agree_to_start, duplicate
-from .reuse import disk_error, prepare
+from .reuse import disk_error
 from .worker import run_worker
 
 __all__ = ["run_serial", "run_mpi"]
@@ -25,11 +24,7 @@ log = logging.getLogger(__name__)
 def run_serial(sweep):
     """All jobs in this process, with the same store, resume and failure rules as the MPI path. The results
     stay on disk: read them with ``results.Results``."""
-    prepared = prepare(sweep)
-    ledger = Ledger(prepared.run, len(sweep.args), prepared.cached, 0, sweep.monitor)
-    log.info("%d jobs: %d cached, %d to run serially", len(sweep.args), prepared.cached, len(prepared.pending))
-    try:
-        ledger.maybe_write(force=True)
+    with rank0_run(sweep, 0) as (prepared, ledger):
         queue, prepared.pending = deque(prepared.pending), None     # the jobs' indices go as they run
         journal = prepared.run.new_journal(0, code=prepared.fingerprint) if queue else None
         try:
@@ -47,10 +42,6 @@ def run_serial(sweep):
             if journal is not None:
                 journal.close()
         outcome = finish(sweep, prepared, ledger)
-    except BaseException as exc:
-        ledger.record_stop(exc)
-        prepared.run.release_lock()
-        raise
     if not outcome.ok:
         outcome.raise_error(on_root=True)
 
