@@ -237,12 +237,22 @@ def test_browser_sees_the_dashboard_move(server, runner):
         text = page.locator("details.failure pre").first.inner_text()
         printed = page.locator("details.failure pre.output").first.inner_text()
         page.screenshot(path=os.path.join(ARTIFACTS, "dashboard-run.png"))
+        lookup = page.locator("#job-lookup")                  # any job's output, by its number
+        lookup.locator("input").fill("7")
+        lookup.locator("button").click()
+        page.wait_for_selector("#job-lookup pre.job-output:not([hidden])")
+        looked_up = lookup.locator("pre.job-output").inner_text()
+        lookup.locator("input").fill("300")
+        lookup.locator("button").click()
+        page.wait_for_selector("#job-lookup .job-message.error")
+        beyond = lookup.locator(".job-message").inner_text()
         browser.close()
     proc.wait(60)
     assert len(values) >= 3 and values == sorted(values), values
     assert values[-1] == 299
     assert "<script>alert(1)</script> seven" in text       # shown as text, not executed
     assert printed.strip() == "<b>checked</b> job 7"      # the job's output under its traceback, as text
+    assert looked_up.strip() == "<b>checked</b> job 7" and "out of range" in beyond, (looked_up, beyond)
 
 
 PRINTING_JOB = """
