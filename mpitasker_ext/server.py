@@ -5,6 +5,7 @@ Routes (under the server's base URL), all behind Jupyter's authentication:
   /mpitasker/run/<path>       HTML page of one run, with its failures' tracebacks
   /mpitasker/api/runs         JSON: every run (the same model as the widget)
   /mpitasker/api/run/<path>   JSON: one run
+  /mpitasker/api/output/<path>?job=N   JSON: what job N of that run printed
 ``<path>`` is the run's output path relative to the root; anything that resolves outside the root (``..``,
 absolute paths, symlinks) is refused. Nothing here writes, deletes or starts anything.
 """
@@ -24,11 +25,18 @@ from jupyter_server.utils import url_path_join
 from tornado import web
 
 from . import progress as progressmod
-from .rundir import META_SUFFIX
+from .capture import CUT_MARK, MAX_OUTPUT
+from .errors import CacheError, UsageError
+from .joboutput import job_output
+from .rundir import META_SUFFIX, RUN_SUFFIX
 from .status import MISSING
+from .store import STORE_SUFFIX
 
 SCAN_DEPTH = 4
 SCAN_TTL = 1.0  # seconds a directory walk is reused: many browser tabs cost one walk
+JOB_NUMBER = re.compile(r"[0-9]{1,18}")
+# A record keeps at most MAX_OUTPUT characters plus its cut mark; a planted one may hold more, never sent whole.
+OUTPUT_LIMIT = MAX_OUTPUT + len(CUT_MARK.format(10 ** 18))
 
 
 class RunIndex:
@@ -87,6 +95,17 @@ class RunIndex:
         reads = [os.path.dirname(candidate), target] + ([meta] if os.path.lexists(meta) else [])
         return all(self._inside(os.path.realpath(path)) for path in reads)
 
+    def job_output(self, path, job):
+        """What job ``job`` of the run at ``path`` printed (its end, at most ``OUTPUT_LIMIT`` characters), or None
+        when its run directory or store is a link out of the root: the records are read there, not only the
+        status file that ``confined`` covers."""
+        if not all(self._inside(os.path.realpath(path + suffix)) for suffix in (RUN_SUFFIX, STORE_SUFFIX)):
+            return None
+        text = job_output(path, job)
+        if len(text) > OUTPUT_LIMIT:
+            text = CUT_MARK.format(len(text) - MAX_OUTPUT) + text[-MAX_OUTPUT:]
+        return text
+
     def _inside(self, real):
         return real == self.root or real.startswith(self.root + os.sep)
 
@@ -139,6 +158,38 @@ class RunAPI(_RunsHandler, APIHandler):
         self.finish(json.dumps(data))
 
 
+class OutputAPI(_RunsHandler, APIHandler):
+    """What one job printed, asked for by its number: a run may have 100k jobs, so none are ever listed."""
+
+    @web.authenticated
+    @authorized
+    async def get(self, relative):
+        path = self.index.resolve(relative)
+        if path is None or path.endswith(RUN_SUFFIX):
+            raise web.HTTPError(404, "no such run under the server root")
+        job = self.get_query_argument("job", "")
+        if not JOB_NUMBER.fullmatch(job):
+            raise web.HTTPError(400, "job= must be a job number: a whole number from 0")
+        try:
+            text = await self.in_executor(self.index.job_output, path, int(job))
+        except UsageError as exc:                 # no record of that job: the message says why
+            self._refuse(404, str(exc))
+            return
+        except CacheError as exc:                 # a damaged or vanished record
+            self._refuse(500, str(exc))
+            return
+        if text is None:
+            raise web.HTTPError(404, "no such run under the server root")
+        self.finish(json.dumps({"path": self.index.relative(path), "job": int(job), "output": text}))
+
+    def _refuse(self, status, message):
+        """An error answer shaped like the server's own ({"message", "reason"}), written here since tornado would
+        %-format a message carrying a run's name (which may hold a '%') into its log line."""
+        self.log.info("mpitasker output %s: %s", status, message)
+        self.set_status(status)
+        self.finish(json.dumps({"message": message, "reason": None}))
+
+
 class DashboardPage(_RunsHandler, JupyterHandler):
     @web.authenticated
     @authorized
@@ -180,6 +231,7 @@ def handlers(base):
         (url_path_join(base, "mpitasker/run/(.+)"), RunPage),
         (url_path_join(base, "mpitasker/api/runs"), RunsAPI),
         (url_path_join(base, "mpitasker/api/run/(.+)"), RunAPI),
+        (url_path_join(base, "mpitasker/api/output/(.+)"), OutputAPI),
     ]
 
 

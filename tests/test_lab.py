@@ -1,6 +1,7 @@
 """The prebuilt JupyterLab extension in a real JupyterLab, driven through Debian's chromium by Playwright: the
 install enables it, its "MPI runs" panel lists a run a real mpiexec script started, the counts move, it polls
-only while visible, and a click opens the run in a main-area tab with its ranks and (escaped) failures."""
+only while visible, and a click opens the run in a main-area tab with its ranks, (escaped) failures and any job's
+output, asked for by its number."""
 
 import os
 import re
@@ -21,6 +22,7 @@ SLOW_JOB = """
     from mpitasker_ext import mpimap
     def work(x):
         time.sleep(float(sys.argv[2]))
+        print(f"job {x} says hi")
         if x == 7:
             raise ValueError('<img src=x onerror=alert(1)> seven')
         return x
@@ -113,11 +115,20 @@ def test_panel_lists_a_running_run_and_opens_it_in_a_tab(lab, runner):
             failure = view.locator("details.mpitasker-failure[data-index='7']")
             failure.locator("summary").click()
             traceback = failure.locator("pre.mpitasker-traceback").inner_text()
-            failure.locator(".mpitasker-output").wait_for(state="attached")
-            assert failure.locator(".mpitasker-output").is_hidden()            # no output field from the API yet
+            failure_output = failure.locator(".mpitasker-output pre").inner_text()
+            lookup = view.locator("form.mpitasker-job-lookup")      # any job's output, asked for by its number
+            lookup.locator("input.mpitasker-job-index").fill("3")
+            lookup.locator("button", has_text="Show").click()
+            job_output = lookup.locator("pre.mpitasker-job-output")
+            job_output.wait_for(state="visible")
+            job3 = job_output.inner_text()
             os.makedirs(ARTIFACTS, exist_ok=True)
             page.screenshot(path=os.path.join(ARTIFACTS, "lab-panel.png"))
             view_counts = watch_counts(view.locator(".mpitasker-counts"), moves=2, timeout=30)
+            lookup.locator("input.mpitasker-job-index").fill(str(JOBS + 5))
+            lookup.locator("input.mpitasker-job-index").press("Enter")
+            lookup.locator(".mpitasker-job-message.mpitasker-job-error").wait_for()
+            beyond = (lookup.locator(".mpitasker-job-message").inner_text(), job_output.is_hidden())
 
             proc.wait(120)
             page.wait_for_selector(f"#mpitasker-runs .mpitasker-run[data-path='{RUN}'] "
@@ -146,6 +157,8 @@ def test_panel_lists_a_running_run_and_opens_it_in_a_tab(lab, runner):
     assert all(r.method == "GET" and r.headers.get("authorization", "").startswith("token ") for r in while_shown)
     assert ranks == ["1", "2"], ranks
     assert "<img src=x onerror=alert(1)> seven" in traceback and dialogs == []    # shown as text, never run
+    assert failure_output.strip() == "job 7 says hi" and job3.strip() == "job 3 says hi", (failure_output, job3)
+    assert f"job {JOBS + 5} is out of range" in beyond[0] and f"{JOBS} jobs" in beyond[0] and beyond[1], beyond
     assert [d for d, _ in view_counts] == sorted(d for d, _ in view_counts) and len(view_counts) >= 2
     assert final == (str(JOBS - 1), str(JOBS), f"{JOBS - 1}/{JOBS}")
     assert reopened.startswith(f"{base}/lab")                # the link opened the tab, not the standalone page

@@ -7,6 +7,7 @@ import subprocess
 import sys
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 
 import pytest
@@ -53,7 +54,8 @@ class Server:
                 body = response.read().decode()
                 return response.status, body if raw else _maybe_json(body)
         except urllib.error.HTTPError as exc:
-            return exc.code, exc.read().decode()
+            body = exc.read().decode()
+            return exc.code, body if raw else _maybe_json(body)
 
     def stop(self):
         self.proc.terminate()
@@ -96,7 +98,8 @@ def test_extension_is_enabled_by_the_install():
 
 
 def test_every_route_needs_authentication(server):
-    for path in ("/mpitasker/", "/mpitasker/api/runs", "/mpitasker/run/sweeps/a.pkl", "/mpitasker/api/run/x.pkl"):
+    for path in ("/mpitasker/", "/mpitasker/api/runs", "/mpitasker/run/sweeps/a.pkl", "/mpitasker/api/run/x.pkl",
+                 "/mpitasker/api/output/x.pkl?job=0"):
         status, _ = server.get(path, token=False)
         assert status in (302, 403), (path, status)
     status, body = server.get("/mpitasker/api/runs")
@@ -112,6 +115,11 @@ def test_every_route_needs_authentication(server):
     "/mpitasker/api/run/sweeps/..%2F..%2Fsecret",
     "/mpitasker/api/run/outside/x.pkl",
     "/mpitasker/..%2F..%2F..%2Fetc%2Fpasswd",
+    "/mpitasker/api/output/..%2Fx.pkl?job=0",
+    "/mpitasker/api/output/../x.pkl?job=0",
+    "/mpitasker/api/output/%2Fetc%2Fpasswd?job=0",
+    "/mpitasker/api/output/outside/x.pkl?job=0",
+    "/mpitasker/api/output/outside?job=0",
 ])
 def test_paths_outside_the_root_are_refused(server, tmp_path, path):
     secret = tmp_path / "secret"
@@ -187,7 +195,8 @@ def test_the_server_never_writes(server, runner):
     proc.wait(60)
     before = {p: os.stat(p).st_mtime_ns for p in map(str, server.root.rglob("*"))}
     for path in ("/mpitasker/", "/mpitasker/api/runs", "/mpitasker/api/run/sweeps/a.pkl",
-                 "/mpitasker/run/sweeps/a.pkl"):
+                 "/mpitasker/run/sweeps/a.pkl", "/mpitasker/api/output/sweeps/a.pkl?job=7",
+                 "/mpitasker/api/output/sweeps/a.pkl?job=99"):
         server.get(path)
     after = {p: os.stat(p).st_mtime_ns for p in map(str, server.root.rglob("*"))}
     assert before == after
@@ -228,12 +237,89 @@ def test_browser_sees_the_dashboard_move(server, runner):
         text = page.locator("details.failure pre").first.inner_text()
         printed = page.locator("details.failure pre.output").first.inner_text()
         page.screenshot(path=os.path.join(ARTIFACTS, "dashboard-run.png"))
+        lookup = page.locator("#job-lookup")                  # any job's output, by its number
+        lookup.locator("input").fill("7")
+        lookup.locator("button").click()
+        page.wait_for_selector("#job-lookup pre.job-output:not([hidden])")
+        looked_up = lookup.locator("pre.job-output").inner_text()
+        lookup.locator("input").fill("300")
+        lookup.locator("button").click()
+        page.wait_for_selector("#job-lookup .job-message.error")
+        beyond = lookup.locator(".job-message").inner_text()
         browser.close()
     proc.wait(60)
     assert len(values) >= 3 and values == sorted(values), values
     assert values[-1] == 299
     assert "<script>alert(1)</script> seven" in text       # shown as text, not executed
     assert printed.strip() == "<b>checked</b> job 7"      # the job's output under its traceback, as text
+    assert looked_up.strip() == "<b>checked</b> job 7" and "out of range" in beyond, (looked_up, beyond)
+
+
+PRINTING_JOB = """
+    from mpitasker_ext import mpimap
+    def work(x):
+        if x % 3 != 2:
+            print(f'job {x} says hi')
+        if x == 4 and FAIL:
+            raise ValueError('four')
+        return x
+    FAIL = True
+    mpimap(work, range(10), 'sweeps/p.pkl', progress=False)
+"""
+
+
+def test_any_jobs_output_one_at_a_time(server, runner):
+    """api/output/<path>?job=N: what job N printed, from the run directory of a failed run and from the store of
+    a finished one; the message of job_output for a job without a record; 400 for what is not a job number."""
+    runner.workdir = str(server.root)
+    runner.write("job.py", PRINTING_JOB)
+    run = subprocess.run(runner.command("job.py", 3), cwd=str(server.root), env=dict(os.environ, PYTHONPATH=REPO),
+                         capture_output=True, timeout=120)
+    assert run.returncode != 0 and (server.root / "sweeps" / "p.pkl.mpi").is_dir()
+
+    def output(job):
+        return server.get("/mpitasker/api/output/sweeps/p.pkl?job=" + job)
+
+    assert output("3") == (200, {"path": "sweeps/p.pkl", "job": 3, "output": "job 3 says hi\n"})
+    assert output("2") == (200, {"path": "sweeps/p.pkl", "job": 2, "output": ""})
+    assert output("4")[1]["output"] == "job 4 says hi\n"                    # the failed job's output
+    status, body = output("10")
+    assert status == 404 and "out of range" in body["message"] and "10 jobs" in body["message"], body
+    for job in ("-1", "abc", "", "1.5", "+3", "3a", "0x3", "\u0663", "9" * 40):
+        status, body = output(urllib.parse.quote(job))
+        assert status == 400 and "job number" in body["message"], (job, status, body)
+    assert server.get("/mpitasker/api/output/sweeps/p.pkl")[0] == 400
+    status, body = server.get("/mpitasker/api/output/sweeps/none.pkl?job=0")
+    assert status == 404 and "no run of" in body["message"], body
+    status, body = server.get("/mpitasker/api/output/sweeps/100%25s%25d.pkl?job=0")     # a '%' in the message
+    assert status == 404 and "100%s%d.pkl" in body["message"], body
+    assert server.get("/mpitasker/api/output/sweeps/p.pkl.mpi?job=0")[0] == 404
+
+    (server.root / "job.py").write_text((server.root / "job.py").read_text().replace("FAIL = True", "FAIL = False"))
+    subprocess.run(runner.command("job.py", 3), cwd=str(server.root), env=dict(os.environ, PYTHONPATH=REPO),
+                   capture_output=True, timeout=120, check=True)
+    assert not (server.root / "sweeps" / "p.pkl.mpi").exists()            # finished: read through the store
+    assert output("3") == (200, {"path": "sweeps/p.pkl", "job": 3, "output": "job 3 says hi\n"})
+    assert output("4")[1]["output"] == "job 4 says hi\n" and output("8")[1]["output"] == ""
+    status, body = output("12345678")
+    assert status == 404 and "out of range" in body["message"], body
+
+
+def shout(x):
+    print("secret output", x)
+    return x
+
+
+def test_a_store_linked_from_outside_the_root_is_not_read(server, tmp_path):
+    """The job records live in <output>.cache/ too: a store that is a symlink out of the root is refused."""
+    from mpitasker_ext import job_output, mpimap
+    mpimap(shout, range(3), str(tmp_path / "x.pkl"), comm=None, progress=False)
+    os.remove(tmp_path / "x.pkl")
+    assert job_output(tmp_path / "x.pkl", 1) == "secret output 1\n"
+    os.symlink(tmp_path / "x.pkl.cache", server.root / "sweeps" / "b.pkl.cache")
+    assert job_output(server.root / "sweeps" / "b.pkl", 1) == "secret output 1\n"   # what a server could leak
+    status, body = server.get("/mpitasker/api/output/sweeps/b.pkl?job=1")
+    assert status == 404 and "secret" not in str(body), body
 
 
 DENYING_AUTHORIZER = """
@@ -254,8 +340,9 @@ def test_the_servers_authorizer_decides(tmp_path):
     server = Server(root, "--ServerApp.authorizer_class=denying.NoContents")
     try:
         codes = [server.get(path)[0] for path in ("/mpitasker/", "/mpitasker/api/runs", "/mpitasker/run/sweeps/a.pkl",
-                                                  "/mpitasker/api/run/sweeps/a.pkl")]
-        assert codes == [403, 403, 403, 403]
+                                                  "/mpitasker/api/run/sweeps/a.pkl",
+                                                  "/mpitasker/api/output/sweeps/a.pkl?job=1")]
+        assert codes == [403, 403, 403, 403, 403]
         assert server.get("/api/status")[0] == 200          # the same user, authenticated, elsewhere
     finally:
         server.stop()
@@ -270,6 +357,7 @@ def test_handlers_are_importable_and_the_index_is_safe_across_threads(tmp_path, 
     routes = dict((handler, pattern) for pattern, handler in servermod.handlers("/base"))
     assert routes[servermod.RunsAPI] == "/base/mpitasker/api/runs"
     assert routes[servermod.RunPage] == "/base/mpitasker/run/(.+)"
+    assert routes[servermod.OutputAPI] == "/base/mpitasker/api/output/(.+)"
     monkeypatch.setattr(servermod, "SCAN_TTL", 0.0)
     index = servermod.RunIndex(str(tmp_path))
     errors, stop = [], threading.Event()

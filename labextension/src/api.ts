@@ -51,6 +51,13 @@ export interface IRunList {
   time: number;
 }
 
+/** GET /mpitasker/api/output/<path>?job=N: what one job printed ('' when nothing). */
+export interface IJobOutput {
+  path: string;
+  job: number;
+  output: string;
+}
+
 /** A run's path as a URL: each segment encoded on its own, since '#' and '?' are legal in file names. */
 export function runUrlPath(path: string): string {
   return String(path).split('/').map(encodeURIComponent).join('/');
@@ -69,14 +76,22 @@ export class RunsClient {
     return this._get('mpitasker/api/run/' + runUrlPath(path));
   }
 
+  /**
+   * What job `job` of a run printed, asked for one job at a time (a run may have 100k jobs). A job without a
+   * record rejects with a `ResponseError` whose message is the server's, saying why.
+   */
+  jobOutput(path: string, job: number): Promise<IJobOutput> {
+    return this._get('mpitasker/api/output/' + runUrlPath(path), { job: String(job) });
+  }
+
   /** The standalone page of a run (or of all runs), for front ends without this extension. */
   pageUrl(path?: string): string {
     const route = path === undefined ? 'mpitasker/' : 'mpitasker/run/' + runUrlPath(path);
     return URLExt.join(this.settings.baseUrl, route);
   }
 
-  private async _get<T>(route: string): Promise<T> {
-    const url = URLExt.join(this.settings.baseUrl, route);
+  private async _get<T>(route: string, query: Record<string, string> = {}): Promise<T> {
+    const url = URLExt.join(this.settings.baseUrl, route) + URLExt.objectToQueryString(query);
     const response = await ServerConnection.makeRequest(url, { method: 'GET' }, this.settings);
     if (!response.ok) {
       throw await ServerConnection.ResponseError.create(response);

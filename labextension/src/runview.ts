@@ -1,10 +1,12 @@
 /**
- * One run in a main-area tab: counts, the per-rank table and the failures with their tracebacks (and each
- * failed job's output, when the server sends an `output` field). Failures are kept by job index and updated in
- * place, so an opened traceback stays open and the scroll position stays put across refreshes.
+ * One run in a main-area tab: counts, the per-rank table, any job's output by its number (JobOutputView) and the
+ * failures with their tracebacks (and each failed job's output, when the server sends an `output` field).
+ * Failures are kept by job index and updated in place, so an opened traceback stays open and the scroll position
+ * stays put across refreshes.
  */
 import { IFailure, IRankState, IRun, RunsClient } from './api';
 import { ProgressBar, count, duration, element, isNum, rate, setCounts, setState, text } from './format';
+import { JobOutputView } from './joboutput';
 import { LiveWidget } from './poll';
 
 class FailureView {
@@ -65,8 +67,9 @@ export class RunView extends LiveWidget {
     standalone.rel = 'noopener';
     this._failureHeading.hidden = true;
     this._error.hidden = true;
-    this.node.append(heading, line, this._error, this._note, this._rankTable, this._failureHeading, this._failures,
-      standalone);
+    const jobOutput = new JobOutputView(_client, path);
+    this.node.append(heading, line, this._error, this._note, this._rankTable, jobOutput.node, this._failureHeading,
+      this._failures, standalone);
   }
 
   async refresh(): Promise<void> {
