@@ -162,7 +162,10 @@ class ResultStore:
             pos += _INDEX_NAME.size
             if pos + length > len(data):
                 raise damaged("the journal table is cut short")
-            paths.append(os.path.join(self.path, os.fsdecode(data[pos:pos + length])))
+            name = os.fsdecode(data[pos:pos + length])
+            if not name or name in (".", "..") or "/" in name or os.sep in name or "\x00" in name:
+                raise damaged(f"a journal named {name[:80]!r} is not a file of the store")   # no path leads out
+            paths.append(os.path.join(self.path, name))
             pos += length
         if len(data) - pos != njobs * _INDEX_ENTRY.size:
             raise damaged(f"{len(data) - pos} bytes of entries for {njobs} jobs")

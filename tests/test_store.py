@@ -482,3 +482,19 @@ def test_a_planted_journal_of_huge_claimed_frames_is_scanned_in_linear_time(tmp_
     started = time.monotonic()
     scan = scan_journals([str(path)])
     assert scan.records == 0 and time.monotonic() - started < 10
+
+
+@pytest.mark.parametrize("name", ["/etc/passwd", "../../outside.bin", "..", "sub/journal.bin", ""])
+def test_an_index_naming_a_file_outside_the_store_is_damage(tmp_path, name):
+    """A planted index.bin must not make a reader (the dashboard's job output, Results) open another file."""
+    output, rs, _ = finished_store(tmp_path, ["x", "y"])
+    data = bytearray(open(rs._file(store.INDEX), "rb").read())
+    head = store._INDEX_HEAD.size
+    (length,) = store._INDEX_NAME.unpack_from(data, head)
+    planted = name.encode()
+    data[head:head + store._INDEX_NAME.size + length] = store._INDEX_NAME.pack(len(planted)) + planted
+    with open(rs._file(store.INDEX), "wb") as f:
+        f.write(data)
+    with pytest.raises(store.DamagedRecord, match="not a file of the store|damaged"):
+        rs.read_index()
+    assert not rs.has_index()
