@@ -29,6 +29,7 @@ from .status import MISSING
 
 SCAN_DEPTH = 4
 SCAN_TTL = 1.0  # seconds a directory walk is reused: many browser tabs cost one walk
+_SEPARATORS = sorted({"/", os.sep, os.altsep or "/"})  # what divides a run's name into directories
 
 
 class RunIndex:
@@ -55,13 +56,14 @@ class RunIndex:
                 self._seen.update(self._walked)
             walked, candidates = set(self._walked), set(self._walked) | self._seen
         return sorted(p for p in candidates if (p in walked or os.path.exists(p) or os.path.isdir(p + ".mpi"))
-                      and self.confined(p))
+                      and self.confined(p) and _is_text(p))
 
     def resolve(self, relative):
-        """The absolute output path of a run named relative to the root, or None if it lies outside."""
-        if not relative or relative.startswith(("/", "\\")) or "\x00" in relative:
+        """The absolute output path of a run named relative to the root, or None if it lies outside. A URL's '/'
+        and this system's separators divide the name (on POSIX a backslash is a character of a name)."""
+        if not relative or "\x00" in relative:
             return None
-        parts = relative.replace("\\", "/").split("/")
+        parts = re.split("|".join(map(re.escape, _SEPARATORS)), relative)
         if any(part in ("", ".", "..") for part in parts):
             return None
         candidate = os.path.join(self.root, *parts)
@@ -88,7 +90,7 @@ class RunIndex:
         return all(self._inside(os.path.realpath(path)) for path in reads)
 
     def _inside(self, real):
-        return real == self.root or real.startswith(self.root + os.sep)
+        return real == self.root or real.startswith(os.path.join(self.root, ""))  # a root of "/" ends with it
 
     def relative(self, path):
         return os.path.relpath(path, self.root)
@@ -193,6 +195,16 @@ def load(serverapp):
     web_app.settings["mpitasker_base"] = base
     web_app.add_handlers(".*$", handlers(base))
     serverapp.log.info("mpitasker_ext: run dashboard at %smpitasker/ (root %s)", base, serverapp.root_dir)
+
+
+def _is_text(path):
+    """True when a path is valid Unicode: a name of undecodable bytes (a lone surrogate in JSON) makes the pages'
+    encodeURIComponent throw, which took every run off the dashboard; such runs are not listed."""
+    try:
+        path.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def _page(title, script_name, base, run=None):

@@ -290,3 +290,16 @@ def test_handlers_are_importable_and_the_index_is_safe_across_threads(tmp_path, 
     for thread in readers:
         thread.join()
     assert errors == [] and len(index.paths()) == 150
+
+
+def test_a_root_of_slash_serves_the_runs_under_it(tmp_path):
+    """`--ServerApp.root_dir=/` (a container's Jupyter): every real path lies under the root. The check added a
+    second '/' to it ('//') and refused every run, so nothing was listed and no link resolved."""
+    from mpitasker_ext.server import RunIndex
+    run = os.path.realpath(tmp_path / "sweeps" / "a.pkl")
+    os.makedirs(f"{run}.mpi")
+    index = RunIndex("/")
+    assert index.confined(run)
+    assert index.resolve(run[1:]) == run and index.resolve_absolute(run) == run
+    assert index.relative(run) == run[1:]
+    assert index.resolve("../" + run[1:]) is None and index.resolve(run) is None
