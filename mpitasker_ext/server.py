@@ -1,10 +1,12 @@
 """Jupyter server extension: one page showing every run under the server's root, live, read-only.
 
 Routes (under the server's base URL), all behind Jupyter's authentication:
-  /mpitasker/                 HTML dashboard, refreshing itself from the JSON API
-  /mpitasker/run/<path>       HTML page of one run, with its failures' tracebacks
-  /mpitasker/api/runs         JSON: every run (the same model as the widget)
-  /mpitasker/api/run/<path>   JSON: one run
+  /mpitasker/                   HTML dashboard, refreshing itself from the JSON API
+  /mpitasker/run/<path>         HTML page of one run, with its failures' tracebacks
+  /mpitasker/open?path=ABS      redirect to the run page of an absolute output path (the widget's link)
+  /mpitasker/api/runs           JSON: every run (the same model as the widget)
+  /mpitasker/api/run/<path>     JSON: one run
+  /mpitasker/api/open?path=ABS  JSON: {"path": that run's path relative to the root} (the Lab's links)
 ``<path>`` is the run's output path relative to the root; anything that resolves outside the root (``..``,
 absolute paths, symlinks) is refused. Nothing here writes, deletes or starts anything.
 """
@@ -174,6 +176,20 @@ class RunLink(_RunsHandler, JupyterHandler):
         self.redirect(url_path_join(self.base, "mpitasker/run", urllib.parse.quote(self.index.relative(path))))
 
 
+class RunNameAPI(_RunsHandler, APIHandler):
+    """``mpitasker/api/open?path=ABSOLUTE``: ``{"path": relative}``, the name the API gives the run of an absolute
+    output path, by the same rule as ``mpitasker/open``. The Lab extension asks it when a link names a run
+    absolutely: only the server knows the real paths (a root or an output reached through a symlink)."""
+
+    @web.authenticated
+    @authorized
+    def get(self):
+        path = self.index.resolve_absolute(self.get_query_argument("path", ""))
+        if path is None:
+            raise web.HTTPError(404, "not a run under the server root")
+        self.finish(json.dumps({"path": self.index.relative(path)}))
+
+
 def handlers(base):
     """The routes under the server's base URL."""
     return [
@@ -181,6 +197,7 @@ def handlers(base):
         (url_path_join(base, "mpitasker/open"), RunLink),
         (url_path_join(base, "mpitasker/run/(.+)"), RunPage),
         (url_path_join(base, "mpitasker/api/runs"), RunsAPI),
+        (url_path_join(base, "mpitasker/api/open"), RunNameAPI),
         (url_path_join(base, "mpitasker/api/run/(.+)"), RunAPI),
     ]
 

@@ -147,6 +147,13 @@ def test_the_widget_link_leads_to_the_run_page_only_under_the_root(server, tmp_p
         assert status == 404, (path, status)
     status, _ = server.get("/mpitasker/open?path=" + quote(str(server.root / "sweeps" / "a.pkl")), token=False)
     assert status in (302, 403) and status != 200
+    # the Lab extension's question: the same rule, answered as JSON, real paths compared (a linked directory)
+    os.symlink(server.root / "sweeps", server.root / "linked")
+    for path in (server.root / "sweeps" / "a.pkl", server.root / "linked" / "a.pkl"):
+        assert server.get("/mpitasker/api/open?path=" + quote(str(path))) == (200, {"path": "sweeps/a.pkl"})
+    for path in (str(tmp_path / "x.pkl"), str(server.root / "outside" / "x.pkl"), "sweeps/a.pkl", ""):
+        assert server.get("/mpitasker/api/open?path=" + quote(path))[0] == 404, path
+    assert server.get("/mpitasker/api/open?path=" + quote(str(server.root / "sweeps" / "a.pkl")), token=False)[0] == 403
 
 
 def test_json_during_and_after_a_real_run(server, runner):
@@ -254,8 +261,9 @@ def test_the_servers_authorizer_decides(tmp_path):
     server = Server(root, "--ServerApp.authorizer_class=denying.NoContents")
     try:
         codes = [server.get(path)[0] for path in ("/mpitasker/", "/mpitasker/api/runs", "/mpitasker/run/sweeps/a.pkl",
-                                                  "/mpitasker/api/run/sweeps/a.pkl")]
-        assert codes == [403, 403, 403, 403]
+                                                  "/mpitasker/api/run/sweeps/a.pkl",
+                                                  f"/mpitasker/api/open?path={root}/sweeps/a.pkl")]
+        assert codes == [403, 403, 403, 403, 403]
         assert server.get("/api/status")[0] == 200          # the same user, authenticated, elsewhere
     finally:
         server.stop()

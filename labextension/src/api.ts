@@ -69,14 +69,27 @@ export class RunsClient {
     return this._get('mpitasker/api/run/' + runUrlPath(path));
   }
 
+  /** The run an absolute output path names, as the API names it (relative to the root). The server decides, by
+   * real paths: the root or the output may be reached through a symlink. Rejects when it is not under the root. */
+  async runName(absolutePath: string): Promise<string> {
+    const answer = await this._get<{ path: unknown }>(
+      'mpitasker/api/open',
+      URLExt.objectToQueryString({ path: absolutePath })
+    );
+    if (typeof answer.path !== 'string' || !answer.path) {
+      throw new Error(`the server named no run for ${absolutePath}`);
+    }
+    return answer.path;
+  }
+
   /** The standalone page of a run (or of all runs), for front ends without this extension. */
   pageUrl(path?: string): string {
     const route = path === undefined ? 'mpitasker/' : 'mpitasker/run/' + runUrlPath(path);
     return URLExt.join(this.settings.baseUrl, route);
   }
 
-  private async _get<T>(route: string): Promise<T> {
-    const url = URLExt.join(this.settings.baseUrl, route);
+  private async _get<T>(route: string, query = ''): Promise<T> {
+    const url = URLExt.join(this.settings.baseUrl, route) + query; // (join would normalise the query as a path)
     const response = await ServerConnection.makeRequest(url, { method: 'GET' }, this.settings);
     if (!response.ok) {
       throw await ServerConnection.ResponseError.create(response);
