@@ -183,6 +183,7 @@ def test_links_resolve_through_the_server_and_planted_runs_stay_text(linked_lab)
     markup in a run's name, error, traceback and output shows as text in the panel and the tab."""
     from playwright.sync_api import sync_playwright
     base, token, root = linked_lab
+    requested = []
     plant(root, "sweeps/e", state="error", total=6, done=2, failed=0)
     plant(root, f"sweeps/{MARKUP}", state="failed", total=3, done=2, failed=1,
           failures=[{"index": 1, "error": MARKUP, "traceback": f"</pre>{MARKUP}", "output": MARKUP}])
@@ -190,6 +191,7 @@ def test_links_resolve_through_the_server_and_planted_runs_stay_text(linked_lab)
         browser = pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
         try:
             page = browser.new_page(viewport={"width": 1280, "height": 720})
+            page.on("request", lambda r: requested.append(r.url))
             page.goto(f"{base}/lab?token={token}")
             page.locator(".jp-LauncherCard", has_text="MPI runs").click(timeout=90000)
             panel = page.locator("#mpitasker-runs")
@@ -220,6 +222,16 @@ def test_links_resolve_through_the_server_and_planted_runs_stay_text(linked_lab)
             dialog = page.locator(".jp-Dialog")
             dialog.wait_for()
             refusal = dialog.inner_text()
+            dialog.locator("button").last.click()
+            dialog.wait_for(state="detached")
+
+            # a relative name with '..' is no run: a URL would resolve it into another route of the server
+            page.evaluate("""() => { document.getElementById('run-link').dataset.mpitaskerRun =
+                '../../../lab/api/not-a-run'; }""")
+            page.locator("#run-link").click()
+            dialog.wait_for()
+            dotted = dialog.inner_text()
+            page.wait_for_timeout(1500)
             tabs = page.locator(".mpitasker-runview").evaluate_all("views => views.map(v => v.dataset.path)")
             pwned, images = page.evaluate("window.__pwned"), page.locator("img[src=x]").count()
         finally:
@@ -229,6 +241,7 @@ def test_links_resolve_through_the_server_and_planted_runs_stay_text(linked_lab)
     assert not linked_error
     assert "/etc/x.pkl" in refusal and "not under" in refusal, refusal
     assert "/etc/x.pkl" not in tabs and "etc/x.pkl" not in tabs, tabs
+    assert "not a run" in dotted and not any("/lab/api/not-a-run" in url for url in requested), dotted
     assert pwned is None and images == 0
 
 

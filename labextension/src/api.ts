@@ -51,8 +51,19 @@ export interface IRunList {
   time: number;
 }
 
+/** True for a run's path as the API names it: names divided by '/', none empty, '.' or '..' (in a URL those
+ * would resolve into another route of the server, even percent-encoded). */
+export function isRunPath(path: string): boolean {
+  return String(path)
+    .split('/')
+    .every(part => part !== '' && part !== '.' && part !== '..');
+}
+
 /** A run's path as a URL: each segment encoded on its own, since '#' and '?' are legal in file names. */
 export function runUrlPath(path: string): string {
+  if (!isRunPath(path)) {
+    throw new Error(`not a run path: ${path}`);
+  }
   return String(path).split('/').map(encodeURIComponent).join('/');
 }
 
@@ -65,7 +76,7 @@ export class RunsClient {
   }
 
   /** One run, by its path relative to the root. */
-  run(path: string): Promise<IRun> {
+  async run(path: string): Promise<IRun> {
     return this._get('mpitasker/api/run/' + runUrlPath(path));
   }
 

@@ -13,7 +13,7 @@ import { ICommandPalette, MainAreaWidget, WidgetTracker, showErrorMessage } from
 import { ILauncher } from '@jupyterlab/launcher';
 import { ServerConnection } from '@jupyterlab/services';
 
-import { RunsClient } from './api';
+import { RunsClient, isRunPath } from './api';
 import { runsIcon } from './icon';
 import { PANEL_ID, RunsPanel } from './panel';
 import { RunView } from './runview';
@@ -70,6 +70,9 @@ const plugin: JupyterFrontEndPlugin<void> = {
       },
       execute: args => {
         const path = String(args.path ?? '');
+        if (!isRunPath(path)) {
+          throw new Error(`not a run path: ${path}`);
+        }
         const open = tracker.find(widget => widget.content.path === path);
         if (open) {
           labShell.activateById(open.id);
@@ -120,14 +123,18 @@ const plugin: JupyterFrontEndPlugin<void> = {
 /** A run path as the API names it. An absolute one is named by the server, which compares real paths (a root or
  * an output reached through a symlink is not a prefix of the other as a string). */
 async function runName(client: RunsClient, path: string): Promise<string> {
-  return path.startsWith('/') ? client.runName(path) : path;
+  const name = path.startsWith('/') ? await client.runName(path) : path;
+  if (!isRunPath(name)) {
+    throw new Error('not a run path');
+  }
+  return name;
 }
 
 function whyNot(path: string, err: unknown): string {
   if (err instanceof ServerConnection.ResponseError && err.response.status === 404) {
     return `${path} is not under the Jupyter server's root, so this server does not show it.`;
   }
-  return `${path}: ${err instanceof Error ? err.message : String(err)}`;
+  return `${path}: ${err instanceof Error ? err.message : String(err)}`; // e.g. "not a run path"
 }
 
 export default plugin;
