@@ -147,6 +147,7 @@ class ClusterSession:
         self._asked_for = None  # (profile, cluster_id) of the client
         self._checked_ids = None
         self._ranks = {}
+        self._client_is_own = False  # the client is of the cluster this session started
 
     def connect(self, profile=None, cluster_id=None):
         """The client in use, or one of the cluster named (the default profile's when none is named); None when
@@ -193,6 +194,7 @@ class ClusterSession:
             raise ClusterError(f"{exc} The engines were stopped.") from None
         self._cluster = cluster
         self._use(client, (profile, cluster_id))
+        self._client_is_own = True
         self._ranks, self._checked_ids = ranks, tuple(client.ids)
         return cluster.cluster_id, ranks
 
@@ -202,11 +204,18 @@ class ClusterSession:
         return self._cluster is not None
 
     def stop(self, profile=None, cluster_id=None):
-        """Stop the cluster this session started, else the one named (the default profile's when none is);
-        its id, or None when none runs there."""
-        self._use(None, None)
-        cluster, self._cluster = self._cluster, None
-        return stop(cluster, profile, cluster_id)
+        """Stop the cluster named, else the one this session started (else the default profile's); its id, or
+        None when none runs there. A cluster named that is not this session's own leaves its own running."""
+        own = self._cluster
+        if (own is not None and profile in (None, own.profile or "default")    # ipyparallel's '' is the default
+                and cluster_id in (None, own.cluster_id)):
+            self._use(None, None)
+            stopped = stop(own)
+            self._cluster = None        # only once stopped: after a failure, %mpicluster stop can try again
+            return stopped
+        if not (own is not None and self._client_is_own):
+            self._use(None, None)       # it may be the named cluster's; the next run connects again
+        return stop(None, profile, cluster_id)
 
     def submit(self, task):
         """Send the task to every engine in use; ipyparallel's AsyncResult (a Future)."""
@@ -223,6 +232,7 @@ class ClusterSession:
         if self.client is not None and self.client is not client:
             self.client.close()
         self.client, self._asked_for, self._checked_ids = client, asked_for, None
+        self._client_is_own = False
 
 
 def _engine_world():

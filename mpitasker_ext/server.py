@@ -1,10 +1,12 @@
 """Jupyter server extension: one page showing every run under the server's root, live, read-only.
 
 Routes (under the server's base URL), all behind Jupyter's authentication:
-  /mpitasker/                 HTML dashboard, refreshing itself from the JSON API
-  /mpitasker/run/<path>       HTML page of one run, with its failures' tracebacks
-  /mpitasker/api/runs         JSON: every run (the same model as the widget)
-  /mpitasker/api/run/<path>   JSON: one run
+  /mpitasker/                   HTML dashboard, refreshing itself from the JSON API
+  /mpitasker/run/<path>         HTML page of one run, with its failures' tracebacks
+  /mpitasker/open?path=ABS      redirect to the run page of an absolute output path (the widget's link)
+  /mpitasker/api/runs           JSON: every run (the same model as the widget)
+  /mpitasker/api/run/<path>     JSON: one run
+  /mpitasker/api/open?path=ABS  JSON: {"path": that run's path relative to the root} (the Lab's links)
   /mpitasker/api/output/<path>?job=N   JSON: what job N of that run printed
 ``<path>`` is the run's output path relative to the root; anything that resolves outside the root (``..``,
 absolute paths, symlinks) is refused. Nothing here writes, deletes or starts anything.
@@ -37,6 +39,7 @@ SCAN_TTL = 1.0  # seconds a directory walk is reused: many browser tabs cost one
 JOB_NUMBER = re.compile(r"[0-9]{1,18}")
 # A record keeps at most MAX_OUTPUT characters plus its cut mark; a planted one may hold more, never sent whole.
 OUTPUT_LIMIT = MAX_OUTPUT + len(CUT_MARK.format(10 ** 18))
+_SEPARATORS = sorted({"/", os.sep, os.altsep or "/"})  # what divides a run's name into directories
 
 
 class RunIndex:
@@ -63,13 +66,14 @@ class RunIndex:
                 self._seen.update(self._walked)
             walked, candidates = set(self._walked), set(self._walked) | self._seen
         return sorted(p for p in candidates if (p in walked or os.path.exists(p) or os.path.isdir(p + ".mpi"))
-                      and self.confined(p))
+                      and self.confined(p) and _is_text(p))
 
     def resolve(self, relative):
-        """The absolute output path of a run named relative to the root, or None if it lies outside."""
-        if not relative or relative.startswith(("/", "\\")) or "\x00" in relative:
+        """The absolute output path of a run named relative to the root, or None if it lies outside. A URL's '/'
+        and this system's separators divide the name (on POSIX a backslash is a character of a name)."""
+        if not relative or "\x00" in relative:
             return None
-        parts = relative.replace("\\", "/").split("/")
+        parts = re.split("|".join(map(re.escape, _SEPARATORS)), relative)
         if any(part in ("", ".", "..") for part in parts):
             return None
         candidate = os.path.join(self.root, *parts)
@@ -107,7 +111,7 @@ class RunIndex:
         return text
 
     def _inside(self, real):
-        return real == self.root or real.startswith(self.root + os.sep)
+        return real == self.root or real.startswith(os.path.join(self.root, ""))  # a root of "/" ends with it
 
     def relative(self, path):
         return os.path.relpath(path, self.root)
@@ -223,6 +227,20 @@ class RunLink(_RunsHandler, JupyterHandler):
         self.redirect(url_path_join(self.base, "mpitasker/run", urllib.parse.quote(self.index.relative(path))))
 
 
+class RunNameAPI(_RunsHandler, APIHandler):
+    """``mpitasker/api/open?path=ABSOLUTE``: ``{"path": relative}``, the name the API gives the run of an absolute
+    output path, by the same rule as ``mpitasker/open``. The Lab extension asks it when a link names a run
+    absolutely: only the server knows the real paths (a root or an output reached through a symlink)."""
+
+    @web.authenticated
+    @authorized
+    def get(self):
+        path = self.index.resolve_absolute(self.get_query_argument("path", ""))
+        if path is None:
+            raise web.HTTPError(404, "not a run under the server root")
+        self.finish(json.dumps({"path": self.index.relative(path)}))
+
+
 def handlers(base):
     """The routes under the server's base URL."""
     return [
@@ -230,6 +248,7 @@ def handlers(base):
         (url_path_join(base, "mpitasker/open"), RunLink),
         (url_path_join(base, "mpitasker/run/(.+)"), RunPage),
         (url_path_join(base, "mpitasker/api/runs"), RunsAPI),
+        (url_path_join(base, "mpitasker/api/open"), RunNameAPI),
         (url_path_join(base, "mpitasker/api/run/(.+)"), RunAPI),
         (url_path_join(base, "mpitasker/api/output/(.+)"), OutputAPI),
     ]
@@ -245,6 +264,16 @@ def load(serverapp):
     web_app.settings["mpitasker_base"] = base
     web_app.add_handlers(".*$", handlers(base))
     serverapp.log.info("mpitasker_ext: run dashboard at %smpitasker/ (root %s)", base, serverapp.root_dir)
+
+
+def _is_text(path):
+    """True when a path is valid Unicode: a name of undecodable bytes (a lone surrogate in JSON) makes the pages'
+    encodeURIComponent throw, which took every run off the dashboard; such runs are not listed."""
+    try:
+        path.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def _page(title, script_name, base, run=None):

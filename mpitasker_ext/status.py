@@ -23,6 +23,7 @@ STATES = (RUNNING, FINISHED, FAILED, ERROR, INTERRUPTED, STALE, MISSING)
 SHOWN_FAILURES = 20  # failures a status lists (the first by job index), each traceback cut to MAX_TRACEBACK
 MAX_TRACEBACK = 4000  # characters of a traceback kept in a status
 MAX_FAILURE_OUTPUT = 4000  # characters of a failed job's printed output kept in a status (its end)
+MAX_INT = 2 ** 53 - 1  # the largest integer a field may hold: JSON has no bound, floats and JavaScript do
 
 
 def job_place(rank, host):
@@ -108,7 +109,8 @@ class RunStatus:
 
     @classmethod
     def from_json(cls, data):
-        """The status a file's JSON object describes. Counts must be ints (not bools), ``rate``/``started``/
+        """The status a file's JSON object describes. Counts must be ints (not bools, within ``MAX_INT``),
+        ``rate``/``started``/
         ``updated`` finite numbers, texts strings, ``state`` one of ``STATES``; anything else reads as missing
         (0, None, '' or running). Never raises."""
         data = data if isinstance(data, dict) else {}
@@ -126,9 +128,16 @@ class RunStatus:
 
 
 def int_field(data, key, default=0):
-    """``data[key]`` if it is an int (not a bool, not a string that looks like a number), else ``default``."""
+    """``data[key]`` if it is an int (not a bool, not a string that looks like a number) within ``MAX_INT``, else
+    ``default``."""
     value = data.get(key)
-    return value if type(value) is int else default
+    return value if is_int(value) else default
+
+
+def is_int(value):
+    """An int that any reader can divide and show: not a bool, and no larger than ``MAX_INT`` (a planted
+    10**400 made every division raise OverflowError)."""
+    return type(value) is int and -MAX_INT <= value <= MAX_INT
 
 
 def number_field(data, key, default):
@@ -157,7 +166,7 @@ def _ranks(ranks):
         if not (isinstance(key, str) and key.isascii() and key.isdigit() and len(key) < 10 and isinstance(info, dict)):
             continue
         current = info.get("current")
-        if not (isinstance(current, list) and len(current) == 2 and all(type(v) is int for v in current)):
+        if not (isinstance(current, list) and len(current) == 2 and all(is_int(v) for v in current)):
             current = None
         found.append(RankState(int(key), current[0] if current else None, current[1] if current else 0,
                                int_field(info, "done"), int_field(info, "failed")))
@@ -172,7 +181,7 @@ def _failures(failures):
         return ()
     found = []
     for f in failures:
-        if isinstance(f, dict) and type(f.get("index")) is int:
+        if isinstance(f, dict) and is_int(f.get("index")):
             error, text = f.get("error", ""), f.get("traceback", "")
             if isinstance(error, str) and isinstance(text, str):
                 found.append(Failure(f["index"], error, text, int_field(f, "rank", None), text_field(f, "host"),

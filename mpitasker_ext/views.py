@@ -43,8 +43,13 @@ def run_link_html(output):
     """A link to the run of ``output``: JupyterLab's mpitasker extension opens it in a Lab tab (it handles
     ``a[data-mpitasker-run]``); other front ends follow the href to the server's standalone run page. A kernel knows
     the absolute path but not the server's root, so the href names it absolutely (``mpitasker/open?path=``) and
-    the server redirects to the page when the path lies under its root."""
+    the server redirects to the page when the path lies under its root. A path of undecodable bytes gets no link:
+    it cannot be put in a URL, and the server lists no such run."""
     path = os.path.abspath(os.fspath(output))
+    try:
+        path.encode("utf-8")
+    except UnicodeEncodeError:
+        return ""
     base = os.environ.get("JUPYTERHUB_SERVICE_PREFIX", "/")  # set for kernels of a JupyterHub user server
     href = f"{base.rstrip('/')}/mpitasker/open?{urllib.parse.urlencode({'path': path})}"
     return (f"<a class='mpitasker-open' data-mpitasker-run='{_esc(path)}' href='{_esc(href)}' target='_blank' "

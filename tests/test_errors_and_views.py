@@ -89,3 +89,29 @@ def test_status_monitor_redraws_at_most_every_min_interval_and_always_closes():
 def test_bar_keeps_done_and_failed_in_proportion(state, total, done, failed, expected):
     model = progress.Progress(output="x.pkl", state=state, total=total, done=done, failed=failed)
     assert bar_fractions(model) == pytest.approx(expected)
+
+
+def test_the_run_link_keeps_any_path_in_its_attributes_and_never_raises():
+    """The widget's "open run" link: quotes and markup in the output path stay inside its attributes; a path of
+    undecodable bytes (the server lists no such run) gets no link instead of a UnicodeEncodeError that stopped
+    the cell before it ran."""
+    import os
+    from html.parser import HTMLParser
+
+    from mpitasker_ext.views import ProgressWidget, run_link_html
+
+    class Links(HTMLParser):
+        found = []
+
+        def handle_starttag(self, tag, attrs):
+            self.found.append((tag, dict(attrs)))
+
+    odd = "/tmp/a'b<img src=x>\"c&d #?.pkl"
+    parser = Links()
+    parser.feed(run_link_html(odd))
+    [(tag, attrs)] = parser.found
+    assert tag == "a" and attrs["data-mpitasker-run"] == odd
+    assert attrs["href"] == "/mpitasker/open?path=%2Ftmp%2Fa%27b%3Cimg+src%3Dx%3E%22c%26d+%23%3F.pkl"
+    undecodable = os.fsdecode(b"/tmp/caf\xe9/a.pkl")
+    assert run_link_html(undecodable) == ""
+    assert "open run" not in ProgressWidget("x", output=undecodable).title.value

@@ -3,6 +3,7 @@ install enables it, its "MPI runs" panel lists a run a real mpiexec script start
 only while visible, and a click opens the run in a main-area tab with its ranks, (escaped) failures and any job's
 output, asked for by its number."""
 
+import json
 import os
 import re
 import subprocess
@@ -34,10 +35,23 @@ SLOW_JOB = """
 def lab(tmp_path):
     """A real JupyterLab on the server root tmp_path/root, with its own workspace and settings directories so
     no layout from an earlier session (a collapsed sidebar, an open tab) changes what the browser sees."""
-    if not os.access(CHROMIUM, os.X_OK):
-        pytest.fail(f"{CHROMIUM} is missing: the test command installs Debian's chromium (apt-get install chromium)")
     root = tmp_path / "root"
     (root / "sweeps").mkdir(parents=True)
+    yield from start_lab(tmp_path, root)
+
+
+@pytest.fixture
+def linked_lab(tmp_path):
+    """A real JupyterLab whose root tmp_path/root is a symlink to tmp_path/real (a home directory reached
+    through a link, as on many clusters)."""
+    (tmp_path / "real" / "sweeps").mkdir(parents=True)
+    os.symlink(tmp_path / "real", tmp_path / "root")
+    yield from start_lab(tmp_path, tmp_path / "root")
+
+
+def start_lab(tmp_path, root):
+    if not os.access(CHROMIUM, os.X_OK):
+        pytest.fail(f"{CHROMIUM} is missing: the test command installs Debian's chromium (apt-get install chromium)")
     news = tmp_path / "settings" / "@jupyterlab" / "apputils-extension" / "notification.jupyterlab-settings"
     news.parent.mkdir(parents=True)
     news.write_text('{"fetchNews": "false"}')            # no news toast over the panel (and no request out)
@@ -49,10 +63,12 @@ def lab(tmp_path):
                              f"--LabApp.user_settings_dir={tmp_path / 'settings'}"],
                             stdout=subprocess.DEVNULL, stderr=open(log_path, "w"))
     base = f"http://127.0.0.1:{port}"
-    wait_for_jupyter(base, token, proc, log_path)
-    yield base, token, root
-    proc.terminate()
-    proc.wait(15)
+    try:
+        wait_for_jupyter(base, token, proc, log_path)
+        yield base, token, root
+    finally:
+        proc.terminate()
+        proc.wait(15)
 
 
 def test_the_install_enables_the_prebuilt_extension():
@@ -162,6 +178,84 @@ def test_panel_lists_a_running_run_and_opens_it_in_a_tab(lab, runner):
     assert [d for d, _ in view_counts] == sorted(d for d, _ in view_counts) and len(view_counts) >= 2
     assert final == (str(JOBS - 1), str(JOBS), f"{JOBS - 1}/{JOBS}")
     assert reopened.startswith(f"{base}/lab")                # the link opened the tab, not the standalone page
+
+
+MARKUP = "<img src=x onerror=window.__pwned=1>"
+
+
+def plant(root, name, **status):
+    """A run directory with a status file, as anyone who can write under the root may leave one."""
+    os.makedirs(root / f"{name}.mpi")
+    (root / f"{name}.mpi" / "status.json").write_text(json.dumps(status))
+
+
+def test_links_resolve_through_the_server_and_planted_runs_stay_text(linked_lab):
+    """The root is reached through a symlink, and an output named through it (`-o ~/sweeps/e.pkl` with a linked
+    home) is not under the root's real path as a string: the link must still open that run, not a tab with a
+    404. A link to a path outside the root says so. A run in the "error" state is coloured as one. Planted
+    markup in a run's name, error, traceback and output shows as text in the panel and the tab."""
+    from playwright.sync_api import sync_playwright
+    base, token, root = linked_lab
+    requested = []
+    plant(root, "sweeps/e", state="error", total=6, done=2, failed=0)
+    plant(root, f"sweeps/{MARKUP}", state="failed", total=3, done=2, failed=1,
+          failures=[{"index": 1, "error": MARKUP, "traceback": f"</pre>{MARKUP}", "output": MARKUP}])
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        try:
+            page = browser.new_page(viewport={"width": 1280, "height": 720})
+            page.on("request", lambda r: requested.append(r.url))
+            page.goto(f"{base}/lab?token={token}")
+            page.locator(".jp-LauncherCard", has_text="MPI runs").click(timeout=90000)
+            panel = page.locator("#mpitasker-runs")
+            error_row = panel.locator(".mpitasker-run[data-path='sweeps/e']")
+            error_row.wait_for()
+            error_class = error_row.locator(".mpitasker-state").get_attribute("class")
+            markup_row = panel.locator(".mpitasker-run", has_text=MARKUP)
+            markup_row.wait_for()
+            markup_row.click()
+            view = page.locator(".mpitasker-runview", has_text="Failures")
+            view.locator("details.mpitasker-failure summary").click()
+            failure = view.locator("details.mpitasker-failure")
+            shown = (failure.locator("summary").inner_text(), failure.locator("pre.mpitasker-traceback").inner_text(),
+                     failure.locator(".mpitasker-output pre").inner_text())
+
+            page.evaluate("""path => { const a = document.createElement('a'); a.textContent = 'open the run';
+                a.href = '#'; a.dataset.mpitaskerRun = path; a.id = 'run-link';
+                a.style.cssText = 'position: fixed; left: 400px; bottom: 60px; z-index: 10000';
+                document.body.append(a); }""", str(root / "sweeps" / "e"))
+            page.locator("#run-link").click()
+            linked = page.locator(".mpitasker-runview[data-path='sweeps/e']")
+            linked.wait_for(state="visible")
+            linked.locator(".mpitasker-counts[data-total='6']").wait_for()
+            linked_error = linked.locator(".mpitasker-error").is_visible()
+
+            page.evaluate("""() => { document.getElementById('run-link').dataset.mpitaskerRun = '/etc/x.pkl'; }""")
+            page.locator("#run-link").click()
+            dialog = page.locator(".jp-Dialog")
+            dialog.wait_for()
+            refusal = dialog.inner_text()
+            dialog.locator("button").last.click()
+            dialog.wait_for(state="detached")
+
+            # a relative name with '..' is no run: a URL would resolve it into another route of the server
+            page.evaluate("""() => { document.getElementById('run-link').dataset.mpitaskerRun =
+                '../../../lab/api/not-a-run'; }""")
+            page.locator("#run-link").click()
+            dialog.wait_for()
+            dotted = dialog.inner_text()
+            page.wait_for_timeout(1500)
+            tabs = page.locator(".mpitasker-runview").evaluate_all("views => views.map(v => v.dataset.path)")
+            pwned, images = page.evaluate("window.__pwned"), page.locator("img[src=x]").count()
+        finally:
+            browser.close()
+    assert "mpitasker-state-error" in error_class, error_class
+    assert shown == (f"job 1: {MARKUP}", f"</pre>{MARKUP}", MARKUP)
+    assert not linked_error
+    assert "/etc/x.pkl" in refusal and "not under" in refusal, refusal
+    assert "/etc/x.pkl" not in tabs and "etc/x.pkl" not in tabs, tabs
+    assert "not a run" in dotted and not any("/lab/api/not-a-run" in url for url in requested), dotted
+    assert pwned is None and images == 0
 
 
 def start_run(runner, root, jobs, delay):

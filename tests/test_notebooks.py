@@ -276,3 +276,33 @@ def test_live_function_sees_the_curve_fill_in_and_partial_reads_a_no_wait_run(tm
                    resources={"metadata": {"path": str(tmp_path)}}).execute()
     text = outputs(nb)
     assert "LIVE OK" in text and "PARTIAL OK" in text
+
+
+def test_stop_naming_a_cluster_stops_that_one_and_keeps_the_kernels_own(tmp_path):
+    """`%mpicluster stop --cluster-id B` in a kernel that had started a cluster of its own stopped its own
+    (and said so), left B running, and dropped the kernel's engines: the cluster named is the one stopped. Its
+    own is the one named by its profile (ipyparallel's '' is 'default')."""
+    import ipyparallel as ipp
+
+    other = "other-" + os.urandom(4).hex()
+    ipcluster = os.path.join(BIN, "ipcluster")
+    subprocess.run([ipcluster, "start", "--engines=MPI", "-n=2", "--daemonize", f"--cluster-id={other}"],
+                   check=True, capture_output=True, timeout=120)
+    try:
+        client = ipp.Client(cluster_id=other, timeout=60)
+        client.wait_for_engines(2, timeout=120)
+        client.close()
+        nb = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell(source) for source in (
+            "%load_ext mpitasker_ext\n%mpicluster start -n 2", f"%mpicluster stop --cluster-id {other}",
+            "%mpicluster status", "%mpicluster stop --profile default")])
+        NotebookClient(nb, timeout=240, kernel_name="python3",
+                       resources={"metadata": {"path": str(tmp_path)}}).execute()
+    finally:
+        subprocess.run([ipcluster, "stop", f"--cluster-id={other}"], capture_output=True, timeout=120)
+    text = ["".join(out.get("text", "") for out in cell.outputs) for cell in nb.cells]
+    own = text[0].split("'")[1]
+    assert own != other and text[1] == f"cluster '{other}' stopped\n", text
+    with pytest.raises(FileNotFoundError):
+        ipp.Cluster.from_file(cluster_id=other)
+    assert text[2].startswith("2 engines in one MPI world"), text
+    assert text[3] == f"cluster '{own}' stopped\n", text

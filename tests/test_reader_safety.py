@@ -78,6 +78,13 @@ NUMBERS_STATUS = {"state": "running", "total": XSS, "done": XSS, "failed": True,
 FINE_STATUS = {"state": "failed", "total": 5, "done": 4, "failed": 1, "started": NOW - 5, "updated": NOW,
                "failures": [{"index": 3, "error": "boom-3", "traceback": "Traceback: boom-3"}]}
 HASH_NAME = "a#b?c.pkl"
+# Integers JSON allows but no float holds (every division by or of one raised OverflowError, and one such run made
+# the listing of every run answer 500); the names of the runs in the root that are not text or hold a backslash.
+HUGE_STATUS = {"state": "failed", "total": 3, "done": 10 ** 400, "failed": 10 ** 400, "rate": 1.0, "started": NOW - 5,
+               "updated": NOW, "ranks": {"1": {"current": [10 ** 400, 10 ** 400], "done": 10 ** 400}},
+               "failures": [{"index": 10 ** 400, "error": "huge"}]}
+UNDECODABLE_DIR = os.fsdecode(b"caf\xe9")
+BACKSLASH_NAME = "back\\slash.pkl"
 
 
 @pytest.fixture(scope="module")
@@ -92,6 +99,12 @@ def planted(tmp_path_factory):
     plant_status(root, "markup.pkl", MARKUP_STATUS)
     plant_status(root, "numbers.pkl", NUMBERS_STATUS)
     plant_status(root, HASH_NAME, FINE_STATUS)
+    plant_status(root, "huge.pkl", HUGE_STATUS)
+    (root / UNDECODABLE_DIR).mkdir()
+    plant_status(root / UNDECODABLE_DIR, "r.pkl", FINE_STATUS)
+    (root / "back").mkdir()
+    plant_status(root / "back", "slash.pkl", dict(FINE_STATUS, total=11, done=10))
+    plant_status(root, BACKSLASH_NAME, dict(FINE_STATUS, total=22, done=21))
     outside = base / "outside"
     outside.mkdir()
     plant_status(outside, "secret.pkl", dict(FINE_STATUS, failures=[{"index": 1, "error": "SECRET-ERROR"}]))
@@ -229,6 +242,46 @@ def test_status_fields_are_type_checked():
                    {"rate": 10 ** 400}, {"failures": {"index": 1}}, {"started": NOW, "state": "failed"}, []):
         progress.from_status(status, now=NOW)             # never raises
     assert json.dumps(progress.from_status({"rate": float("nan")}).to_dict(), allow_nan=False)
+
+
+def test_counts_beyond_what_a_float_holds_read_as_missing(planted):
+    """Counts are bounded like JavaScript's safe integers: a larger one reads as missing (0), so no view divides
+    by it and the listing of every run still answers."""
+    from mpitasker_ext.views import bar_fractions
+    p = progress.from_status(HUGE_STATUS, now=NOW)
+    assert (p.total, p.done, p.failed, p.failures) == (3, 0, 0, [])
+    assert [(r.rank, r.current, r.done) for r in p.ranks] == [(1, None, 0)]
+    assert json.loads(json.dumps(p.to_dict()))["fraction"] == 0.0 and bar_fractions(p) == (0.0, 0.0)
+    assert progress.from_status({"total": 2 ** 53 - 1, "done": 2 ** 53 - 1}).to_dict()["fraction"] == 1.0
+    server, _, _ = planted
+    status, body = server.get("/mpitasker/api/runs")
+    assert status == 200, body
+    assert {r["path"]: r["done"] for r in body["runs"]}["huge.pkl"] == 0
+    assert server.get("/mpitasker/api/run/huge.pkl")[0] == 200
+
+
+def test_a_run_whose_name_is_not_text_is_not_listed(planted):
+    """A directory name that is not UTF-8 reached the API as a lone surrogate, on which the pages'
+    encodeURIComponent throws: the dashboard showed no run at all ("URI malformed")."""
+    server, _, _ = planted
+    status, body = server.get("/mpitasker/api/runs")
+    assert status == 200
+    paths = [r["path"] for r in body["runs"]]
+    assert HASH_NAME in paths and not any(UNDECODABLE_DIR in p for p in paths), paths
+    for path in paths:
+        path.encode("utf-8")
+
+
+def test_a_backslash_is_part_of_a_run_name_here(planted):
+    """On POSIX a backslash is a character of a name: the run named back\\slash.pkl is served, not back/slash.pkl."""
+    server, _, _ = planted
+    _, body = server.get("/mpitasker/api/runs")
+    totals = {r["path"]: r["total"] for r in body["runs"]}
+    assert totals[BACKSLASH_NAME] == 22 and totals["back/slash.pkl"] == 11
+    status, run = server.get("/mpitasker/api/run/back%5Cslash.pkl")
+    assert status == 200 and run["total"] == 22 and run["path"] == BACKSLASH_NAME
+    status, run = server.get("/mpitasker/api/run/back/slash.pkl")
+    assert status == 200 and run["total"] == 11
 
 
 def test_deeply_nested_json_reads_as_damage(tmp_path):

@@ -155,6 +155,13 @@ def test_the_widget_link_leads_to_the_run_page_only_under_the_root(server, tmp_p
         assert status == 404, (path, status)
     status, _ = server.get("/mpitasker/open?path=" + quote(str(server.root / "sweeps" / "a.pkl")), token=False)
     assert status in (302, 403) and status != 200
+    # the Lab extension's question: the same rule, answered as JSON, real paths compared (a linked directory)
+    os.symlink(server.root / "sweeps", server.root / "linked")
+    for path in (server.root / "sweeps" / "a.pkl", server.root / "linked" / "a.pkl"):
+        assert server.get("/mpitasker/api/open?path=" + quote(str(path))) == (200, {"path": "sweeps/a.pkl"})
+    for path in (str(tmp_path / "x.pkl"), str(server.root / "outside" / "x.pkl"), "sweeps/a.pkl", ""):
+        assert server.get("/mpitasker/api/open?path=" + quote(path))[0] == 404, path
+    assert server.get("/mpitasker/api/open?path=" + quote(str(server.root / "sweeps" / "a.pkl")), token=False)[0] == 403
 
 
 def test_json_during_and_after_a_real_run(server, runner):
@@ -341,8 +348,9 @@ def test_the_servers_authorizer_decides(tmp_path):
     try:
         codes = [server.get(path)[0] for path in ("/mpitasker/", "/mpitasker/api/runs", "/mpitasker/run/sweeps/a.pkl",
                                                   "/mpitasker/api/run/sweeps/a.pkl",
-                                                  "/mpitasker/api/output/sweeps/a.pkl?job=1")]
-        assert codes == [403, 403, 403, 403, 403]
+                                                  "/mpitasker/api/output/sweeps/a.pkl?job=1",
+                                                  f"/mpitasker/api/open?path={root}/sweeps/a.pkl")]
+        assert codes == [403, 403, 403, 403, 403, 403]
         assert server.get("/api/status")[0] == 200          # the same user, authenticated, elsewhere
     finally:
         server.stop()
@@ -378,3 +386,16 @@ def test_handlers_are_importable_and_the_index_is_safe_across_threads(tmp_path, 
     for thread in readers:
         thread.join()
     assert errors == [] and len(index.paths()) == 150
+
+
+def test_a_root_of_slash_serves_the_runs_under_it(tmp_path):
+    """`--ServerApp.root_dir=/` (a container's Jupyter): every real path lies under the root. The check added a
+    second '/' to it ('//') and refused every run, so nothing was listed and no link resolved."""
+    from mpitasker_ext.server import RunIndex
+    run = os.path.realpath(tmp_path / "sweeps" / "a.pkl")
+    os.makedirs(f"{run}.mpi")
+    index = RunIndex("/")
+    assert index.confined(run)
+    assert index.resolve(run[1:]) == run and index.resolve_absolute(run) == run
+    assert index.relative(run) == run[1:]
+    assert index.resolve("../" + run[1:]) is None and index.resolve(run) is None

@@ -58,8 +58,19 @@ export interface IJobOutput {
   output: string;
 }
 
+/** True for a run's path as the API names it: names divided by '/', none empty, '.' or '..' (in a URL those
+ * would resolve into another route of the server, even percent-encoded). */
+export function isRunPath(path: string): boolean {
+  return String(path)
+    .split('/')
+    .every(part => part !== '' && part !== '.' && part !== '..');
+}
+
 /** A run's path as a URL: each segment encoded on its own, since '#' and '?' are legal in file names. */
 export function runUrlPath(path: string): string {
+  if (!isRunPath(path)) {
+    throw new Error(`not a run path: ${path}`);
+  }
   return String(path).split('/').map(encodeURIComponent).join('/');
 }
 
@@ -72,7 +83,7 @@ export class RunsClient {
   }
 
   /** One run, by its path relative to the root. */
-  run(path: string): Promise<IRun> {
+  async run(path: string): Promise<IRun> {
     return this._get('mpitasker/api/run/' + runUrlPath(path));
   }
 
@@ -81,7 +92,20 @@ export class RunsClient {
    * record rejects with a `ResponseError` whose message is the server's, saying why.
    */
   jobOutput(path: string, job: number): Promise<IJobOutput> {
-    return this._get('mpitasker/api/output/' + runUrlPath(path), { job: String(job) });
+    return this._get('mpitasker/api/output/' + runUrlPath(path), URLExt.objectToQueryString({ job: String(job) }));
+  }
+
+  /** The run an absolute output path names, as the API names it (relative to the root). The server decides, by
+   * real paths: the root or the output may be reached through a symlink. Rejects when it is not under the root. */
+  async runName(absolutePath: string): Promise<string> {
+    const answer = await this._get<{ path: unknown }>(
+      'mpitasker/api/open',
+      URLExt.objectToQueryString({ path: absolutePath })
+    );
+    if (typeof answer.path !== 'string' || !answer.path) {
+      throw new Error(`the server named no run for ${absolutePath}`);
+    }
+    return answer.path;
   }
 
   /** The standalone page of a run (or of all runs), for front ends without this extension. */
@@ -90,8 +114,8 @@ export class RunsClient {
     return URLExt.join(this.settings.baseUrl, route);
   }
 
-  private async _get<T>(route: string, query: Record<string, string> = {}): Promise<T> {
-    const url = URLExt.join(this.settings.baseUrl, route) + URLExt.objectToQueryString(query);
+  private async _get<T>(route: string, query = ''): Promise<T> {
+    const url = URLExt.join(this.settings.baseUrl, route) + query; // (join would normalise the query as a path)
     const response = await ServerConnection.makeRequest(url, { method: 'GET' }, this.settings);
     if (!response.ok) {
       throw await ServerConnection.ResponseError.create(response);

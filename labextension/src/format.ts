@@ -5,7 +5,7 @@
  */
 import type { IRun } from './api';
 
-const STATES = ['running', 'finished', 'failed', 'stale', 'interrupted', 'missing'];
+const STATES = ['running', 'finished', 'failed', 'error', 'stale', 'interrupted', 'missing']; // status.STATES
 
 export function isNum(value: unknown): value is number {
   return typeof value === 'number' && Number.isFinite(value);

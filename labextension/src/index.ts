@@ -9,10 +9,11 @@ import {
   JupyterFrontEnd,
   JupyterFrontEndPlugin
 } from '@jupyterlab/application';
-import { ICommandPalette, MainAreaWidget, WidgetTracker } from '@jupyterlab/apputils';
+import { ICommandPalette, MainAreaWidget, WidgetTracker, showErrorMessage } from '@jupyterlab/apputils';
 import { ILauncher } from '@jupyterlab/launcher';
+import { ServerConnection } from '@jupyterlab/services';
 
-import { RunsClient } from './api';
+import { RunsClient, isRunPath } from './api';
 import { runsIcon } from './icon';
 import { PANEL_ID, RunsPanel } from './panel';
 import { RunView } from './runview';
@@ -20,7 +21,7 @@ import { RunView } from './runview';
 export const SHOW_RUNS = 'mpitasker:show-runs';
 export const OPEN_RUN = 'mpitasker:open-run';
 
-/** Links that name a run (`<a data-mpitasker-run="PATH" href="…/mpitasker/run/PATH">`, as the %%mpimap
+/** Links that name a run (`<a data-mpitasker-run="PATH" href="…/mpitasker/open?path=PATH">`, as the %%mpimap
  * widget may render) open the run's tab here instead of the standalone page. PATH is relative to the server's
  * root, or absolute under it. */
 const RUN_LINK = 'a[data-mpitasker-run]';
@@ -69,6 +70,9 @@ const plugin: JupyterFrontEndPlugin<void> = {
       },
       execute: args => {
         const path = String(args.path ?? '');
+        if (!isRunPath(path)) {
+          throw new Error(`not a run path: ${path}`);
+        }
         const open = tracker.find(widget => widget.content.path === path);
         if (open) {
           labShell.activateById(open.id);
@@ -107,8 +111,8 @@ const plugin: JupyterFrontEndPlugin<void> = {
           return;
         }
         event.preventDefault();
-        relativeToRoot(client, path)
-          .then(openRun)
+        runName(client, path)
+          .then(openRun, err => void showErrorMessage('Cannot open the MPI run', whyNot(path, err)))
           .catch(err => console.error(`mpitasker: cannot open ${path}`, err));
       },
       true
@@ -116,13 +120,21 @@ const plugin: JupyterFrontEndPlugin<void> = {
   }
 };
 
-/** A run path as the API names it: an absolute path under the server's root loses the root. */
-async function relativeToRoot(client: RunsClient, path: string): Promise<string> {
-  if (!path.startsWith('/')) {
-    return path;
+/** A run path as the API names it. An absolute one is named by the server, which compares real paths (a root or
+ * an output reached through a symlink is not a prefix of the other as a string). */
+async function runName(client: RunsClient, path: string): Promise<string> {
+  const name = path.startsWith('/') ? await client.runName(path) : path;
+  if (!isRunPath(name)) {
+    throw new Error('not a run path');
   }
-  const { root } = await client.runs();
-  return path.startsWith(root + '/') ? path.slice(root.length + 1) : path;
+  return name;
+}
+
+function whyNot(path: string, err: unknown): string {
+  if (err instanceof ServerConnection.ResponseError && err.response.status === 404) {
+    return `${path} is not under the Jupyter server's root, so this server does not show it.`;
+  }
+  return `${path}: ${err instanceof Error ? err.message : String(err)}`; // e.g. "not a run path"
 }
 
 export default plugin;
