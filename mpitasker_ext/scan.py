@@ -281,13 +281,12 @@ def _frames(path, f, size, first, base=0, pos=None, growing=None):
         if rel + _FIXED > len(buf) and base + len(buf) < size:
             buf, base, rel = _read_at(f, pos, CHUNK), pos, 0
             view = memoryview(buf)
-        if growing is not None and (rel + _HEAD > len(buf) or (
-                frame_unpack(buf, rel)[0] == FRAME_MAGIC and pos + _HEAD + frame_unpack(buf, rel)[1] > size)):
-            growing.append(pos)
-            return
         if rel + _HEAD <= len(buf):
             magic, length, crc = frame_unpack(buf, rel)
             stop = pos + _HEAD + length
+            if growing is not None and magic == FRAME_MAGIC and stop > size:
+                growing.append(pos)            # being written: read it whole next time
+                return
             if magic == FRAME_MAGIC and length >= min_body and stop <= size:
                 end = rel + _HEAD + length
                 if end <= len(buf):
@@ -309,6 +308,9 @@ def _frames(path, f, size, first, base=0, pos=None, growing=None):
                     yield pos, _HEAD + length, index, kind, digest, seconds, payload
                     pos = stop
                     continue
+        elif growing is not None:              # the start of a frame header, still being written
+            growing.append(pos)
+            return
         following, buf, base = _find_magic(f, buf, base, pos + 1, size)
         view = memoryview(buf)
         if following < 0:
@@ -362,10 +364,11 @@ def _find_magic(f, buf, base, start, size):
             return -1, buf, base
 
 
-def read_appended(path, start=0):
+def read_appended(path, start=0, max_records=None):
     """The ok records a journal still being written gained from byte ``start`` on: ``([(index, digest,
-    Location)], offset to go on from)``. A frame the writer has not finished is left for the next call; damage is
-    skipped with a warning, as everywhere. A file that is not a format-3 journal yields nothing, ever."""
+    Location)], offset to go on from)``, at most ``max_records`` of them (the rest is for the next call). A frame
+    the writer has not finished is left for the next call; damage is skipped with a warning, as everywhere. A file
+    that is not a format-3 journal yields nothing, ever."""
     records = []
     with open_regular(path) as f:
         size = os.fstat(f.fileno()).st_size
@@ -384,6 +387,8 @@ def read_appended(path, start=0):
                                                                                  growing):
             if kind in OK_KINDS:
                 records.append((index, digest, Location(path, frame_pos, length)))
+                if max_records is not None and len(records) >= max_records:
+                    return records, frame_pos + length          # the rest next time
     return records, growing[0] if growing else size
 
 

@@ -101,3 +101,21 @@ def test_the_final_call_gets_every_result(tmp_path):
     view.final([25, 36])
     assert calls == [([5, 6], [25, 36])]
     assert not os.path.exists(output)
+
+
+def test_a_refresh_reads_at_most_its_budget_and_a_moved_journal_is_not_read_again(tmp_path):
+    output = str(tmp_path / "grid.pkl")
+    run = RunDir(output)
+    run.create()
+    writer = run.new_journal(1)
+    for i in range(50):
+        writer.append_value(i, args_digest(i), 0.0, encode_value(-i))
+    writer.close()
+    live = LiveResults(output, list(range(50)))
+    assert live.refresh(max_results=20) == 20 and len(live) == 20
+    assert live.refresh(max_results=20) == 20 and live.refresh() == 10 and live.complete
+    moved = str(tmp_path / "moved.bin")
+    os.rename(writer.path, moved)                    # as finish moves a run's journal into the store
+    os.makedirs(output + ".cache")
+    os.rename(moved, os.path.join(output + ".cache", os.path.basename(writer.path)))
+    assert live.refresh() == 0 and live.finished()[2] == [-i for i in range(50)]
