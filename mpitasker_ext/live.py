@@ -25,7 +25,7 @@ log = logging.getLogger(__name__)
 LIVE_INTERVAL = 1.0  # seconds between calls of a --live function: drawing a figure costs more than reading
 SHARED_READ = 1 << 20  # frames appended since the last refresh are read in one go up to this many bytes
 OUT_OF_BAND_MIN = 4096  # a frame this big may hold an array's bytes: it gets its own buffer, not a shared one
-LIVE_SHARE = 0.03  # of a core, at most, spent reading results while the run goes on (the view costs ~2% more)
+LIVE_SHARE = 0.025  # of a core, at most, spent reading results while the run goes on (the view costs ~2% more)
 
 
 class LiveResults:
@@ -187,12 +187,12 @@ class LiveView:
         except OSError as exc:
             log.debug("live results unreadable now (%s); tried again at the next refresh", exc)
             return
-        if read >= 100:          # the cost of one result here, so a fast run costs this kernel <= LIVE_SHARE
-            self._per_result = 0.5 * self._per_result + 0.5 * (time.perf_counter() - started) / read
         if len(self.live) == self._shown and not final:
             return
         self._shown = len(self.live)
         _, args, values = self.live.finished()
+        if read >= 100:   # what one result costs here (reading it, and the lists), so a fast run stays in budget
+            self._per_result = 0.5 * self._per_result + 0.5 * (time.perf_counter() - started) / read
         self._invoke(args, values)
 
     def _invoke(self, args, values):
