@@ -25,7 +25,8 @@ log = logging.getLogger(__name__)
 LIVE_INTERVAL = 1.0  # seconds between calls of a --live function: drawing a figure costs more than reading
 SHARED_READ = 1 << 20  # frames appended since the last refresh are read in one go up to this many bytes
 OUT_OF_BAND_MIN = 4096  # a frame this big may hold an array's bytes: it gets its own buffer, not a shared one
-LIVE_SHARE = 0.025  # of a core, at most, spent reading results while the run goes on (the view costs ~2% more)
+LIVE_SHARE = 0.02  # of a core, at most, spent reading results while the run goes on (the view costs ~2% more)
+LIVE_HEADSTART = 2.0  # seconds of that share the first refreshes may spend at once (hashing the arguments)
 
 
 class LiveResults:
@@ -148,6 +149,8 @@ class LiveView:
         self._last = None
         self._shown = -1
         self._per_result = 20e-6  # seconds to read one result, measured as it goes
+        self._spent = 0.0  # seconds spent reading while the run went on
+        self._since = None
 
     def update(self, progress):
         self.view.update(progress)
@@ -180,19 +183,28 @@ class LiveView:
     def _call(self, final):
         if self.func is None:
             return
-        budget = None if final else max(100, int(LIVE_SHARE * self.interval / self._per_result))
         started = time.perf_counter()
+        budget = None
+        if not final:     # everything read while the run goes on (hashing, reading, the lists) stays in budget
+            self._since = started if self._since is None else self._since
+            left = LIVE_SHARE * (started - self._since + LIVE_HEADSTART) - self._spent
+            if left <= 0:
+                return    # a very fast run: the view lags for a moment, the kernel stays free
+            budget = max(100, int(left / self._per_result))
         try:
             read = self.live.refresh(budget)
         except OSError as exc:
             log.debug("live results unreadable now (%s); tried again at the next refresh", exc)
             return
         if len(self.live) == self._shown and not final:
+            self._spent += time.perf_counter() - started
             return
         self._shown = len(self.live)
         _, args, values = self.live.finished()
+        spent = time.perf_counter() - started
+        self._spent += spent
         if read >= 100:   # what one result costs here (reading it, and the lists), so a fast run stays in budget
-            self._per_result = 0.5 * self._per_result + 0.5 * (time.perf_counter() - started) / read
+            self._per_result = 0.5 * self._per_result + 0.5 * spent / read
         self._invoke(args, values)
 
     def _invoke(self, args, values):
