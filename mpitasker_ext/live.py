@@ -25,7 +25,7 @@ log = logging.getLogger(__name__)
 LIVE_INTERVAL = 1.0  # seconds between calls of a --live function: drawing a figure costs more than reading
 SHARED_READ = 1 << 20  # frames appended since the last refresh are read in one go up to this many bytes
 OUT_OF_BAND_MIN = 4096  # a frame this big may hold an array's bytes: it gets its own buffer, not a shared one
-LIVE_SHARE = 0.02  # of a core, at most, spent reading results while the run goes on (the view costs ~2% more)
+LIVE_SHARE = 0.015  # of a core, at most, spent reading results while the run goes on (the view costs ~2% more)
 LIVE_HEADSTART = 2.0  # seconds of that share the first refreshes may spend at once (hashing the arguments)
 
 
