@@ -148,3 +148,35 @@ def test_only_the_current_runs_journals_count(tmp_path):
         job_output(out, 5)
     with pytest.raises(UsageError, match="no run of .*nothing.pkl yet"):
         job_output(str(tmp_path / "nothing.pkl"), 0)
+
+
+STREAM_JOB = """
+    import faulthandler, os, sys
+    from mpitasker_ext import Tasker, job_output
+    def work(x):
+        print(f'text {x}')
+        if x == 0:
+            sys.stdout.buffer.write(b'bytes 0\\n')
+            sys.stdout.flush()
+        elif x == 1:
+            os.write(sys.stdout.fileno(), b'fd 1\\n')
+        elif x == 2:
+            faulthandler.enable()             # asks sys.stderr for its file descriptor
+            faulthandler.disable()
+        elif x == 3:
+            sys.stdout.reconfigure(line_buffering=True)
+        return x
+    with Tasker() as tsk:
+        data = tsk.map('out.pkl', work, range(4))
+    if tsk.rank == 0:
+        print('RESULTS', [v for _i, _a, v in data], [job_output('out.pkl', x) for x in range(4)], flush=True)
+"""
+
+
+def test_jobs_that_use_the_streams_buffer_or_descriptor_still_run(runner):
+    """Captured streams are the original ones for whatever the capture does not handle itself: bytes through
+    sys.stdout.buffer and writes to the descriptor go where they went before, uncaptured; no job breaks."""
+    runner.write("job.py", STREAM_JOB)
+    done = runner.run("job.py", 3)
+    assert "bytes 0\n" in done.stdout and "fd 1\n" in done.stdout
+    assert "RESULTS [0, 1, 2, 3] ['text 0\\n', 'text 1\\n', 'text 2\\n', 'text 3\\n']" in done.stdout
