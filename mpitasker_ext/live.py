@@ -68,16 +68,25 @@ class LiveResults:
         if start >= st.st_size:
             return 0
         records, read_to = read_appended(path, start)
-        self._read_to[path] = (st.st_dev, st.st_ino, read_to)
         gained = 0
         for _index, digest, location in records:
             waiting = [i for i in jobs.get(digest, ()) if i not in self._values]
             if not waiting:
                 continue
-            value = read_value(location)
+            try:
+                value = read_value(location)
+            except (OSError, MemoryError):
+                raise                      # passing trouble: read again from `start` at the next refresh
+            except Exception as exc:  # noqa: BLE001 - unpickling a stored result can raise any type
+                # A result that does not load (a renamed class, damage, a journal moved into the store since):
+                # rank 0 sets it aside and computes it again, and that record is read when it arrives.
+                log.info("live results: job %d's result at byte %d of %s is not shown (%s: %s)", waiting[0],
+                         location.offset, path, type(exc).__name__, exc)
+                continue
             for index in waiting:
                 self._values[index] = value
             gained += len(waiting)
+        self._read_to[path] = (st.st_dev, st.st_ino, read_to)
         return gained
 
     def __len__(self):

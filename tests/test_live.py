@@ -101,3 +101,23 @@ def test_the_final_call_gets_every_result(tmp_path):
     view.final([25, 36])
     assert calls == [([5, 6], [25, 36])]
     assert not os.path.exists(output)
+
+
+def test_a_stored_result_that_does_not_load_is_not_shown_and_does_not_stop_the_reading(tmp_path):
+    """Rank 0 sets such a result aside and computes it again; the live view must neither raise (it would end
+    the waiting cell, the --no-wait follower and partial()) nor show it, and shows the new record instead."""
+    from conftest import unloadable_payload
+
+    output = str(tmp_path / "gone.pkl")
+    run = RunDir(output)
+    run.create()
+    first = run.new_journal(1)
+    first.append(2, True, args_digest(2), 0.0, unloadable_payload())
+    first.append_value(1, args_digest(1), 0.0, encode_value(10))
+    first.close()
+    live = LiveResults(output, list(range(4)))
+    assert live.refresh() == 1 and live.finished() == ([1], [1], [10])
+    again = run.new_journal(0)                           # rank 0 computed job 2 again
+    again.append_value(2, args_digest(2), 0.0, encode_value(20))
+    again.close()
+    assert live.refresh() == 1 and live.finished() == ([1, 2], [1, 2], [10, 20])
