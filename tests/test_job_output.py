@@ -13,7 +13,7 @@ from conftest import REPO
 from mpitasker_ext import job_output, journal, load, mpimap, rundir
 from mpitasker_ext import progress as pm
 from mpitasker_ext.capture import MAX_OUTPUT
-from mpitasker_ext.errors import UsageError
+from mpitasker_ext.errors import JobsFailed, UsageError
 from mpitasker_ext.results import Results
 from mpitasker_ext.scan import journal_records
 from mpitasker_ext.store import ResultStore
@@ -180,3 +180,24 @@ def test_jobs_that_use_the_streams_buffer_or_descriptor_still_run(runner):
     done = runner.run("job.py", 3)
     assert "bytes 0\n" in done.stdout and "fd 1\n" in done.stdout
     assert "RESULTS [0, 1, 2, 3] ['text 0\\n', 'text 1\\n', 'text 2\\n', 'text 3\\n']" in done.stdout
+
+
+def test_an_earlier_grid_run_a_moment_before_is_not_the_current_run(tmp_path):
+    """Journals of a run of another grid, started a moment before the current run (well within the slack kept
+    for other hosts' clocks), hold another argument under the same job number: on the host that wrote the
+    manifest, only journals started after it count."""
+    out = str(tmp_path / "grids.pkl")
+
+    def job(x):
+        print("arg", x)
+        if x >= 10:
+            raise ValueError(x)
+        return x
+
+    mpimap(job, [5], out, progress=False)                 # arg 5 in the store
+    for grid in ([10, 11], [5, 30]):                       # the second grid's job 0 (arg 5) comes from the store
+        with pytest.raises(JobsFailed):
+            mpimap(job, grid, out, progress=False)
+    assert job_output(out, 1) == "arg 30\n"
+    with pytest.raises(UsageError, match="job 0 of .* has not finished in the current run"):
+        job_output(out, 0)                                 # not grid [10, 11]'s job 0, which printed "arg 10"
