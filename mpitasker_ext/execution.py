@@ -175,9 +175,12 @@ def run_batch(sweep, indices, journal, rank):
             encoded, failure, seconds = execute_job(fn, index, arg, sweep.timeout, rank)
             output = captured.take()
             if failure is None:
-                journal.append_value(index, args_digest(arg), seconds, encoded, output)
-                ok_count += 1
-            else:
+                try:
+                    journal.append_value(index, args_digest(arg), seconds, encoded, output)
+                    ok_count += 1
+                except RecordTooLarge:       # the result fits in a record, but not with what the job printed
+                    failure = describe_failure(index, arg, RecordTooLarge(encoded.size + len(output)), 0, rank)
+            if failure is not None:
                 if output:
                     failure["output"] = output
                 journal.append(index, False, args_digest(arg), seconds, encode_failure(failure))
