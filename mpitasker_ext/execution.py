@@ -18,7 +18,7 @@ from .capture import JobOutput
 from .identity import args_digest
 from .journal import RecordTooLarge, encode_failure
 from .payload import encode_value
-from .status import MAX_FAILURE_OUTPUT, MAX_TRACEBACK, Failure, job_place
+from .status import MAX_ERROR, MAX_FAILURE_OUTPUT, MAX_TRACEBACK, Failure, job_place
 
 log = logging.getLogger(__name__)
 
@@ -80,6 +80,8 @@ def describe_failure(index, arg, exc, skip_frames, rank=0):
                  "failed job")
     else:
         error = f"{type(exc).__name__}: {safe_str(exc)}"
+    if len(error) > MAX_ERROR:           # a message holding a whole data set: the traceback keeps its end
+        error = f"{error[:MAX_ERROR]} [... {len(error) - MAX_ERROR} more characters cut]"
     try:
         text = "".join(traceback.format_exception(type(exc), exc, tb))
     except KeyboardInterrupt:

@@ -201,3 +201,21 @@ def test_an_earlier_grid_run_a_moment_before_is_not_the_current_run(tmp_path):
     assert job_output(out, 1) == "arg 30\n"
     with pytest.raises(UsageError, match="job 0 of .* has not finished in the current run"):
         job_output(out, 0)                                 # not grid [10, 11]'s job 0, which printed "arg 10"
+
+
+def test_the_status_file_stays_small_whatever_failing_jobs_print_or_say(tmp_path):
+    """40 failed jobs, each printing 64 KiB and raising a 100,000-character message: the status lists 20, each
+    with its output, traceback and error line cut, so every status write stays small."""
+    out = str(tmp_path / "loud.pkl")
+
+    def job(x):
+        print(("." * 99 + "\n") * 700)
+        raise ValueError(f"{x} " + "x" * 100_000)
+
+    with pytest.raises(JobsFailed) as info:
+        mpimap(job, range(40), out, progress=False)
+    status = os.path.join(out + ".mpi", rundir.STATUS)
+    assert os.path.getsize(status) < 20 * 12_000            # each: 4,000 + 4,000 + 1,000 characters and JSON
+    first = json.loads(open(status).read())["failures"][0]
+    assert first["error"].startswith("ValueError: 0 xxx") and first["error"].endswith("characters cut]")
+    assert len(str(info.value)) < 100_000
