@@ -45,7 +45,8 @@ class OutputTail:
         self._size = self.limit
 
     def take(self):
-        """The captured text (None when the job wrote nothing), and start afresh for the next job."""
+        """The captured text (None when the job wrote nothing), valid Unicode, and start afresh for the next
+        job."""
         if not self._parts:
             return None
         if self._size > self.limit:
@@ -58,6 +59,8 @@ class OutputTail:
                 text = text[line_end + 1:]
             text = CUT_MARK.format(self._cut) + text
         self._parts, self._size, self._cut = [], 0, 0
+        if not text.isascii():  # lone surrogates (a file name that is not UTF-8) kept escaped, for every reader
+            text = text.encode("utf-8", errors="backslashreplace").decode("utf-8")
         return text
 
 

@@ -219,3 +219,19 @@ def test_the_status_file_stays_small_whatever_failing_jobs_print_or_say(tmp_path
     first = json.loads(open(status).read())["failures"][0]
     assert first["error"].startswith("ValueError: 0 xxx") and first["error"].endswith("characters cut]")
     assert len(str(info.value)) < 100_000
+
+
+def test_undecodable_text_a_failed_job_printed_reads_back_escaped_everywhere(shell, tmp_path):
+    """A file name that is not UTF-8 prints as lone surrogates; kept escaped, as an ok record keeps it, so the
+    CLI under a UTF-8 locale and every view can show it (the CLI stopped with UnicodeEncodeError)."""
+    with pytest.raises(JobsFailed):
+        shell.run_cell_magic("mpimap", "names.pkl for x in range(2)",
+                             "print('file', b'caf\\xe9'.decode('utf-8', 'surrogateescape'))\n"
+                             "if x:\n    raise ValueError(x)\nx\n")
+    out = str(tmp_path / "names.pkl")
+    assert job_output(out, 0) == job_output(out, 1) == "file caf\\udce9\n"
+    env = dict(os.environ, PYTHONPATH=REPO, LC_ALL="C.UTF-8", PYTHONIOENCODING="utf-8")
+    for argv in (["--job", "1"], []):
+        cli = subprocess.run([sys.executable, "-m", "mpitasker_ext", "status", out, *argv], capture_output=True,
+                             env=env, timeout=60)
+        assert cli.returncode == 0 and b"file caf\\udce9" in cli.stdout, cli.stderr.decode()
