@@ -84,8 +84,9 @@ class Follower:
         self._close(progressmod.read_progress(self.output))
 
     def _close(self, snapshot):
-        """The final state, drawn once."""
-        if snapshot.state != MISSING and self._closed.acquire(blocking=False):
+        """The final state, drawn once; none for a run that never started (a code-change question, a run
+        locked by another process): the snapshot then shows an earlier or another run, not this one."""
+        if self._ours(snapshot) and self._closed.acquire(blocking=False):
             self.view.close(snapshot)
 
 
