@@ -7,8 +7,10 @@ the lock heartbeat) keep writing where they wrote before. With ``echo`` (scripts
 goes on to the rank's own stdout/stderr as before; on engines and in the kernel it does not, so 100k printing jobs
 never make 100k lines in a cell.
 
-Text written straight to file descriptors 1 and 2 (C extensions, subprocesses) is not captured: it goes to the
-rank's stdout as it always did (on an engine, to the engine's log).
+Text written straight to file descriptors 1 and 2 (C extensions, subprocesses, ``sys.stdout.fileno()``) and bytes
+written to ``sys.stdout.buffer`` are not captured: they go to the rank's stdout as they always did (on an engine, to
+the engine's log). Everything else a job may ask of the streams (``fileno()``, ``buffer``, ``reconfigure()``) is
+the original stream's, so no job breaks because it runs captured.
 """
 
 import io
@@ -43,7 +45,8 @@ class OutputTail:
         self._size = self.limit
 
     def take(self):
-        """The captured text (None when the job wrote nothing), and start afresh for the next job."""
+        """The captured text (None when the job wrote nothing), valid Unicode, and start afresh for the next
+        job."""
         if not self._parts:
             return None
         if self._size > self.limit:
@@ -56,6 +59,8 @@ class OutputTail:
                 text = text[line_end + 1:]
             text = CUT_MARK.format(self._cut) + text
         self._parts, self._size, self._cut = [], 0, 0
+        if not text.isascii():  # lone surrogates (a file name that is not UTF-8) kept escaped, for every reader
+            text = text.encode("utf-8", errors="backslashreplace").decode("utf-8")
         return text
 
 
@@ -91,6 +96,19 @@ class _CapturedStream(io.TextIOBase):
     def isatty(self):
         return False
 
+    def fileno(self):
+        """The original stream's descriptor (``faulthandler.enable()``, ``os.write``, a subprocess's stdout)."""
+        if self._original is None:
+            return super().fileno()
+        return self._original.fileno()
+
+    def __getattr__(self, name):
+        """What ``TextIOBase`` lacks (``buffer``, ``reconfigure``, ``name``, ``mode``) is the original stream's: a
+        job that uses it works as it did without the capture."""
+        if name.startswith("_") or self.__dict__.get("_original") is None:
+            raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
+        return getattr(self._original, name)
+
     @property
     def encoding(self):
         return getattr(self._original, "encoding", "utf-8")
@@ -122,7 +140,15 @@ class JobOutput:
         return self
 
     def __exit__(self, *exc_info):
-        sys.stdout, sys.stderr = self._saved  # a job that replaced sys.stdout itself is undone here too
+        # A stream is put back only while it is still ours: another thread (the kernel's, while a --no-wait run
+        # goes on in its own thread) may have redirected it meanwhile, and that redirection is its own to undo.
+        # In the main thread nobody else runs, so a job that replaced sys.stdout itself is undone too.
+        undo = threading.current_thread() is threading.main_thread()
+        captured_out, captured_err = self._streams
+        if undo or sys.stdout is captured_out:
+            sys.stdout = self._saved[0]
+        if undo or sys.stderr is captured_err:
+            sys.stderr = self._saved[1]
         for stream in self._streams:
             stream.release()
         self._saved, self._streams = None, ()

@@ -18,7 +18,7 @@ from .capture import JobOutput
 from .identity import args_digest
 from .journal import RecordTooLarge, encode_failure
 from .payload import encode_value
-from .status import MAX_FAILURE_OUTPUT, MAX_TRACEBACK, Failure, job_place
+from .status import MAX_ERROR, MAX_FAILURE_OUTPUT, MAX_TRACEBACK, Failure, job_place
 
 log = logging.getLogger(__name__)
 
@@ -80,6 +80,8 @@ def describe_failure(index, arg, exc, skip_frames, rank=0):
                  "failed job")
     else:
         error = f"{type(exc).__name__}: {safe_str(exc)}"
+    if len(error) > MAX_ERROR:           # a message holding a whole data set: the traceback keeps its end
+        error = f"{error[:MAX_ERROR]} [... {len(error) - MAX_ERROR} more characters cut]"
     try:
         text = "".join(traceback.format_exception(type(exc), exc, tb))
     except KeyboardInterrupt:
@@ -175,9 +177,12 @@ def run_batch(sweep, indices, journal, rank):
             encoded, failure, seconds = execute_job(fn, index, arg, sweep.timeout, rank)
             output = captured.take()
             if failure is None:
-                journal.append_value(index, args_digest(arg), seconds, encoded, output)
-                ok_count += 1
-            else:
+                try:
+                    journal.append_value(index, args_digest(arg), seconds, encoded, output)
+                    ok_count += 1
+                except RecordTooLarge:       # the result fits in a record, but not with what the job printed
+                    failure = describe_failure(index, arg, RecordTooLarge(encoded.size + len(output)), 0, rank)
+            if failure is not None:
                 if output:
                     failure["output"] = output
                 journal.append(index, False, args_digest(arg), seconds, encode_failure(failure))

@@ -40,13 +40,15 @@ class StatusMonitor:
 class Follower:
     """Refresh a view from a run directory at <= 2 Hz until the run is no longer running (or stop()).
 
-    ``since`` (wall-clock time the run was submitted): snapshots of an earlier run on the same output, which
-    the directory still shows until the new run writes its status, are not drawn and do not end the view."""
+    ``since`` (wall-clock time the run was submitted) and ``earlier`` (``earlier_run()`` read before that):
+    snapshots of an earlier run on the same output, which the directory still shows until the new run writes
+    its status, are not drawn and do not end the view."""
 
-    def __init__(self, output, view, background=False, since=None):
+    def __init__(self, output, view, background=False, since=None, earlier=None):
         self.output = output
         self.view = view
         self.since = since
+        self.earlier = earlier
         self._stop = threading.Event()
         self._closed = threading.Lock()
         self._thread = None
@@ -73,7 +75,7 @@ class Follower:
 
     def _ours(self, snapshot):
         """Drawable, and of the followed run (not what an earlier run left there)."""
-        return started_since(snapshot, self.since)
+        return started_since(snapshot, self.since, self.earlier)
 
     def stop(self):
         self._stop.set()
@@ -82,15 +84,25 @@ class Follower:
         self._close(progressmod.read_progress(self.output))
 
     def _close(self, snapshot):
-        """The final state, drawn once."""
-        if snapshot.state != MISSING and self._closed.acquire(blocking=False):
+        """The final state, drawn once; none for a run that never started (a code-change question, a run
+        locked by another process): the snapshot then shows an earlier or another run, not this one."""
+        if self._ours(snapshot) and self._closed.acquire(blocking=False):
             self.view.close(snapshot)
 
 
-def started_since(snapshot, since):
-    """Whether ``snapshot`` shows a run started at ``since`` or later (any run, without ``since``): until the new
-    run writes its first status, the directory still shows the previous one."""
+def earlier_run(output):
+    """When the run the output shows now started (None: no run), read before a new run is submitted: the
+    clocks' slack lets a run started just before ``since`` pass for the new one, this does not."""
+    return progressmod.read_progress(output).started
+
+
+def started_since(snapshot, since, earlier=None):
+    """Whether ``snapshot`` shows a run started at ``since`` or later (any run, without ``since``) other than
+    the ``earlier`` one: until the new run writes its first status, the directory still shows the previous one,
+    whose results a --force or a code change is about to discard."""
     if snapshot.state == MISSING:
+        return False
+    if earlier is not None and snapshot.started == earlier:
         return False
     if since is None:
         return True

@@ -14,7 +14,7 @@ from .errors import CacheError, UsageError
 from .results import Results, index_describes
 from .rundir import RUN_SUFFIX, RunDir
 from .scan import job_records, read_output
-from .status import int_field, number_field
+from .status import int_field, number_field, text_field
 
 JOURNAL_SLACK = 5.0  # seconds a journal's `started` may precede its run's manifest (clocks of other hosts)
 
@@ -55,11 +55,13 @@ def _from_run(run, index):
     created = number_field(manifest, "created", None)
     if created is None:
         return None                              # no manifest yet: the run is only starting
+    host = text_field(manifest, "host")
     best = None
     for path in run.journal_paths():
         header, records = job_records(path, index)
         started = number_field(header, "started", None)
-        if started is None or started < created - JOURNAL_SLACK:
+        same_clock = host and text_field(header, "host") == host   # opened after the manifest, by the same clock
+        if started is None or started < created - (0.0 if same_clock else JOURNAL_SLACK):
             continue
         for record, location in records:
             key = (record.ok, started)

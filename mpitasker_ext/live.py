@@ -110,7 +110,11 @@ class LiveResults:
                     frame = window[offset - low:offset - low + length]
                 try:
                     value = load_frame(location, frame, len(frame), checked=True)   # the walk checked its CRC
+                except (OSError, MemoryError):
+                    raise                  # passing trouble: read again from the same offset at the next refresh
                 except Exception as exc:  # noqa: BLE001 - unpickling can raise anything; the final results decide
+                    # a result that does not load here (a renamed class): rank 0 sets it aside and computes it
+                    # again, and that record is read when it arrives
                     log.debug("live results: the result at %s does not load here (%s: %s); left out",
                               location, type(exc).__name__, exc)
                     continue

@@ -19,7 +19,7 @@ from . import closure
 from . import cluster as clustermod
 from . import progress as progressmod
 from .errors import JobsFailed, UsageError
-from .follow import REFRESH_SECONDS, Follower, StatusMonitor, follow_run, started_since
+from .follow import REFRESH_SECONDS, Follower, StatusMonitor, earlier_run, follow_run, started_since
 from .joboutput import job_output
 from .live import LiveResults, LiveView
 from .results import Results
@@ -48,13 +48,14 @@ class MapRun:
     far), ``output(i)`` (what job i printed); the variable is set when it ends. ``output_path`` is the run's output
     file."""
 
-    def __init__(self, future, finish, output, follower=None, args=None, since=None):
+    def __init__(self, future, finish, output, follower=None, args=None, since=None, earlier=None):
         self._future = future
         self._finish = finish
         self.output_path = output
         self._follower = follower
         self._args = args
         self._since = since
+        self._earlier = earlier
         self._live = None
         self._values = None
         self._error = None
@@ -95,11 +96,12 @@ class MapRun:
 
     def partial(self):
         """``{job index: result}`` of the jobs finished so far, in job order; each call reads only what was
-        added since the last one. Empty until the run has started (an earlier run's results are not shown)."""
+        added since the last one. Empty until the run has started, and when it never started (a code-change
+        question): an earlier run's results are not shown."""
         if self._values is not None:
             return dict(enumerate(self._values))
         snapshot = progressmod.read_progress(self.output_path)
-        if not started_since(snapshot, self._since) and not self.done():
+        if not started_since(snapshot, self._since, self._earlier):
             return {}
         if self._live is None:
             self._live = LiveResults(self.output_path, self._args)
@@ -267,6 +269,7 @@ class MPIMapMagics(Magics):
                       **plan.options)
         started = time.time()
         if plan.no_wait:
+            earlier = earlier_run(plan.output)
             executor = ThreadPoolExecutor(1)
             future = executor.submit(run_serial, sweep)
             executor.shutdown(wait=False)
@@ -274,7 +277,7 @@ class MPIMapMagics(Magics):
             def finish_serial(done):
                 return self._ended(view, lambda: done.result() or self._assign(plan, started, "serially"))
 
-            return MapRun(future, finish_serial, plan.output, args=plan.args, since=started)
+            return MapRun(future, finish_serial, plan.output, args=plan.args, since=started, earlier=earlier)
         values = self._ended(view, lambda: run_serial(sweep) or self._assign(plan, started, "serially"))
         return None if plan.out else values
 
@@ -292,6 +295,7 @@ class MPIMapMagics(Magics):
         ranks = self.session.world()
         task = clustermod.EngineTask(plan.job, plan.args, plan.output, os.getcwd(), list(sys.path), plan.options)
         view = self._view(plan)
+        earlier = earlier_run(plan.output)
         started = time.time()
         future = self.session.submit(task)
         where = f"{len(ranks) - 1} MPI workers"
@@ -305,9 +309,9 @@ class MPIMapMagics(Magics):
             return self._ended(view, end)
 
         if plan.no_wait:
-            follower = Follower(plan.output, view, background=True, since=started)
-            return MapRun(future, finish, plan.output, follower, args=plan.args, since=started)
-        follower = Follower(plan.output, view, since=started)
+            follower = Follower(plan.output, view, background=True, since=started, earlier=earlier)
+            return MapRun(future, finish, plan.output, follower, args=plan.args, since=started, earlier=earlier)
+        follower = Follower(plan.output, view, since=started, earlier=earlier)
         try:
             while not future.done():
                 future.wait(REFRESH_SECONDS)

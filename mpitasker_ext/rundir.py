@@ -11,6 +11,7 @@ import os
 import pickle
 import secrets
 import shutil
+import socket
 import time
 
 from .errors import CacheError, UsageError
@@ -108,7 +109,7 @@ class RunDir:
 
     def write_manifest(self, njobs, fingerprint, function_name=""):
         manifest = {"format": FORMAT_VERSION, "njobs": njobs, "code": fingerprint, "function": function_name,
-                    "output": os.path.basename(self.output), "created": time.time()}
+                    "output": os.path.basename(self.output), "created": time.time(), "host": socket.gethostname()}
         atomic_write_bytes(self.path(MANIFEST), json.dumps(manifest, indent=1).encode(), durable=False)
 
     def journal_paths(self):

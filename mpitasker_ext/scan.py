@@ -23,6 +23,7 @@ from .journal import (
     FRAME_MAGIC,
     OK_KINDS,
     OK_OUTPUT,
+    SET_ASIDE_MAGIC,
     STARTED,
     JobRecord,
     JournalInfo,
@@ -36,6 +37,7 @@ CHUNK = 4 << 20  # a scan reads this much at a time
 _HEAD = FRAME.size
 _FIXED = _HEAD + FIELDS.size
 _OFFSET_MASK = (1 << 48) - 1
+_FRAME_STARTS = (FRAME_MAGIC, SET_ASIDE_MAGIC)  # what may follow a frame: another, or one set aside
 
 
 class Location(NamedTuple):
@@ -295,9 +297,10 @@ def _frames(path, f, size, first, base=0, pos=None, growing=None):
                     buf, base = _read_at(f, pos, CHUNK), pos
                     view = memoryview(buf)
                     continue
-                elif (stop == size or _read_at(f, stop, 4) == FRAME_MAGIC) and streamed + length <= 2 * size:
-                    # a body larger than the window is only checksummed where a frame plausibly ends, and
-                    # within a budget: planted headers claiming huge bodies cannot make the scan quadratic
+                elif (stop == size or _read_at(f, stop, 4) in _FRAME_STARTS) and streamed + length <= 2 * size:
+                    # a body larger than the window is only checksummed where a frame plausibly ends (the next
+                    # frame, maybe one set aside since), and within a budget: planted headers claiming huge
+                    # bodies cannot make the scan quadratic
                     streamed += length
                     good = _crc_streamed(f, view[rel + _HEAD:], base + len(buf), stop, crc)
                 else:

@@ -24,6 +24,7 @@ SHOWN_FAILURES = 20  # failures a status lists (the first by job index), each tr
 MAX_TRACEBACK = 4000  # characters of a traceback kept in a status
 MAX_FAILURE_OUTPUT = 4000  # characters of a failed job's printed output kept in a status (its end)
 MAX_INT = 2 ** 53 - 1  # the largest integer a field may hold: JSON has no bound, floats and JavaScript do
+MAX_ERROR = 1000  # characters of a failure's error line kept (its start: the type and what it says first)
 
 
 def job_place(rank, host):

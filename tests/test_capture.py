@@ -69,3 +69,29 @@ def test_a_stream_kept_after_the_capture_writes_where_it_wrote_before(capsys):
     kept_stream.write("after the capture\n")
     assert out.take() is None
     assert capsys.readouterr().out == "after the capture\n"
+
+
+def test_a_redirection_by_another_thread_is_not_undone_by_a_capture_ending():
+    """A --no-wait run in the kernel captures in its own thread while a cell (the kernel's thread) redirects
+    stdout, e.g. %%capture: the capture ending must not leave the kernel's stdout on that cell's buffer."""
+    import contextlib
+    import io
+
+    before = sys.stdout
+    entered, redirected = threading.Event(), threading.Event()
+
+    def batch():
+        with JobOutput() as out:
+            entered.set()
+            redirected.wait(10)            # the job computes while the cell's redirection starts and ends
+            print("job")
+            out.take()
+
+    cell_output = io.StringIO()
+    worker = threading.Thread(target=batch)
+    with contextlib.redirect_stdout(cell_output):
+        worker.start()
+        entered.wait(10)
+    redirected.set()
+    worker.join(10)
+    assert sys.stdout is before

@@ -13,7 +13,7 @@ from conftest import REPO
 from mpitasker_ext import job_output, journal, load, mpimap, rundir
 from mpitasker_ext import progress as pm
 from mpitasker_ext.capture import MAX_OUTPUT
-from mpitasker_ext.errors import UsageError
+from mpitasker_ext.errors import JobsFailed, UsageError
 from mpitasker_ext.results import Results
 from mpitasker_ext.scan import journal_records
 from mpitasker_ext.store import ResultStore
@@ -148,3 +148,90 @@ def test_only_the_current_runs_journals_count(tmp_path):
         job_output(out, 5)
     with pytest.raises(UsageError, match="no run of .*nothing.pkl yet"):
         job_output(str(tmp_path / "nothing.pkl"), 0)
+
+
+STREAM_JOB = """
+    import faulthandler, os, sys
+    from mpitasker_ext import Tasker, job_output
+    def work(x):
+        print(f'text {x}')
+        if x == 0:
+            sys.stdout.buffer.write(b'bytes 0\\n')
+            sys.stdout.flush()
+        elif x == 1:
+            os.write(sys.stdout.fileno(), b'fd 1\\n')
+        elif x == 2:
+            faulthandler.enable()             # asks sys.stderr for its file descriptor
+            faulthandler.disable()
+        elif x == 3:
+            sys.stdout.reconfigure(line_buffering=True)
+        return x
+    with Tasker() as tsk:
+        data = tsk.map('out.pkl', work, range(4))
+    if tsk.rank == 0:
+        print('RESULTS', [v for _i, _a, v in data], [job_output('out.pkl', x) for x in range(4)], flush=True)
+"""
+
+
+def test_jobs_that_use_the_streams_buffer_or_descriptor_still_run(runner):
+    """Captured streams are the original ones for whatever the capture does not handle itself: bytes through
+    sys.stdout.buffer and writes to the descriptor go where they went before, uncaptured; no job breaks."""
+    runner.write("job.py", STREAM_JOB)
+    done = runner.run("job.py", 3)
+    assert "bytes 0\n" in done.stdout and "fd 1\n" in done.stdout
+    assert "RESULTS [0, 1, 2, 3] ['text 0\\n', 'text 1\\n', 'text 2\\n', 'text 3\\n']" in done.stdout
+
+
+def test_an_earlier_grid_run_a_moment_before_is_not_the_current_run(tmp_path):
+    """Journals of a run of another grid, started a moment before the current run (well within the slack kept
+    for other hosts' clocks), hold another argument under the same job number: on the host that wrote the
+    manifest, only journals started after it count."""
+    out = str(tmp_path / "grids.pkl")
+
+    def job(x):
+        print("arg", x)
+        if x >= 10:
+            raise ValueError(x)
+        return x
+
+    mpimap(job, [5], out, progress=False)                 # arg 5 in the store
+    for grid in ([10, 11], [5, 30]):                       # the second grid's job 0 (arg 5) comes from the store
+        with pytest.raises(JobsFailed):
+            mpimap(job, grid, out, progress=False)
+    assert job_output(out, 1) == "arg 30\n"
+    with pytest.raises(UsageError, match="job 0 of .* has not finished in the current run"):
+        job_output(out, 0)                                 # not grid [10, 11]'s job 0, which printed "arg 10"
+
+
+def test_the_status_file_stays_small_whatever_failing_jobs_print_or_say(tmp_path):
+    """40 failed jobs, each printing 64 KiB and raising a 100,000-character message: the status lists 20, each
+    with its output, traceback and error line cut, so every status write stays small."""
+    out = str(tmp_path / "loud.pkl")
+
+    def job(x):
+        print(("." * 99 + "\n") * 700)
+        raise ValueError(f"{x} " + "x" * 100_000)
+
+    with pytest.raises(JobsFailed) as info:
+        mpimap(job, range(40), out, progress=False)
+    status = os.path.join(out + ".mpi", rundir.STATUS)
+    assert os.path.getsize(status) < 20 * 12_000            # each: 4,000 + 4,000 + 1,000 characters and JSON
+    first = json.loads(open(status).read())["failures"][0]
+    assert first["error"].startswith("ValueError: 0 xxx") and first["error"].endswith("characters cut]")
+    assert len(str(info.value)) < 100_000
+
+
+def test_undecodable_text_a_failed_job_printed_reads_back_escaped_everywhere(shell, tmp_path):
+    """A file name that is not UTF-8 prints as lone surrogates; kept escaped, as an ok record keeps it, so the
+    CLI under a UTF-8 locale and every view can show it (the CLI stopped with UnicodeEncodeError)."""
+    with pytest.raises(JobsFailed):
+        shell.run_cell_magic("mpimap", "names.pkl for x in range(2)",
+                             "print('file', b'caf\\xe9'.decode('utf-8', 'surrogateescape'))\n"
+                             "if x:\n    raise ValueError(x)\nx\n")
+    out = str(tmp_path / "names.pkl")
+    assert job_output(out, 0) == job_output(out, 1) == "file caf\\udce9\n"
+    env = dict(os.environ, PYTHONPATH=REPO, LC_ALL="C.UTF-8", PYTHONIOENCODING="utf-8")
+    for argv in (["--job", "1"], []):
+        cli = subprocess.run([sys.executable, "-m", "mpitasker_ext", "status", out, *argv], capture_output=True,
+                             env=env, timeout=60)
+        assert cli.returncode == 0 and b"file caf\\udce9" in cli.stdout, cli.stderr.decode()

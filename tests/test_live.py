@@ -119,3 +119,57 @@ def test_a_refresh_reads_at_most_its_budget_and_a_moved_journal_is_not_read_agai
     os.makedirs(output + ".cache")
     os.rename(moved, os.path.join(output + ".cache", os.path.basename(writer.path)))
     assert live.refresh() == 0 and live.finished()[2] == [-i for i in range(50)]
+
+
+def test_a_stored_result_that_does_not_load_is_not_shown_and_does_not_stop_the_reading(tmp_path):
+    """Rank 0 sets such a result aside and computes it again; the live view must neither raise (it would end
+    the waiting cell, the --no-wait follower and partial()) nor show it, and shows the new record instead."""
+    from conftest import unloadable_payload
+
+    output = str(tmp_path / "gone.pkl")
+    run = RunDir(output)
+    run.create()
+    first = run.new_journal(1)
+    first.append(2, True, args_digest(2), 0.0, unloadable_payload())
+    first.append_value(1, args_digest(1), 0.0, encode_value(10))
+    first.close()
+    live = LiveResults(output, list(range(4)))
+    assert live.refresh() == 1 and live.finished() == ([1], [1], [10])
+    again = run.new_journal(0)                           # rank 0 computed job 2 again
+    again.append_value(2, args_digest(2), 0.0, encode_value(20))
+    again.close()
+    assert live.refresh() == 1 and live.finished() == ([1, 2], [1, 2], [10, 20])
+
+
+def test_partial_never_shows_an_earlier_run_that_other_code_made(shell):
+    """Right after a run (well within the clocks' slack), a --no-wait run of changed code stops with a
+    code-change question and never starts: partial() must not show the earlier code's results, neither while
+    it goes nor once it ended."""
+    from mpitasker_ext import CodeChanged
+
+    shell.run_cell_magic("mpimap", "early.pkl for x in range(4)", "x + 1\n")
+    handle = shell.run_cell_magic("mpimap", "--no-wait early.pkl for x in range(4)", "x * 100 + 7\n")
+    seen = [handle.partial()]
+    handle.wait(30)
+    seen.append(handle.partial())
+    assert isinstance(handle._error, CodeChanged)
+    assert seen == [{}, {}]
+
+
+def test_live_never_draws_an_earlier_run_that_other_code_made(shell, mpi_cluster):
+    """The same on a cluster, where the view follows the run directory: the earlier run's snapshot (started a
+    moment before the submission) is not this run's, so --live reads nothing before the code-change question."""
+    from conftest import CLUSTER_PROFILE
+    from mpitasker_ext import CodeChanged
+
+    on = f"--profile {CLUSTER_PROFILE}"
+    shell.run_cell_magic("mpimap", f"{on} early.pkl for x in range(4)", "x + 1\n")
+    drawn = []
+    shell.user_ns["draw"] = lambda args, values: drawn.append(list(values))
+    try:
+        shell.run_cell_magic("mpimap", f"{on} --live draw early.pkl for x in range(4)", "x * 100 + 7\n")
+    except CodeChanged:
+        pass
+    else:
+        raise AssertionError("the changed code ran without --force or --reuse")
+    assert drawn == []

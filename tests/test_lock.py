@@ -246,3 +246,15 @@ def test_a_no_wait_view_follows_the_new_run_past_an_old_interrupted_status(run):
     assert running and all(started >= since for started in running)
     assert not any(state == "interrupted" for state, _ in view.updates)
     assert view.closed == [progress.FINISHED]
+
+
+def test_a_run_that_never_starts_does_not_end_its_view_with_the_earlier_runs_state(run):
+    """A code-change question (or RunLocked) stops the submitted run before it writes a status: the view must
+    not close on the earlier run's snapshot as if it were this run's (it showed the earlier run as finished)."""
+    Tasker("serial", progress=False).map(run.output, _slow, range(3))
+    earlier = follow.earlier_run(run.output)
+    view = RecordingView()
+    follower = follow.Follower(run.output, view, since=time.time(), earlier=earlier)
+    follower.refresh()
+    follower.stop()                                    # the run ended without ever starting
+    assert view.updates == [] and view.closed == []

@@ -173,6 +173,21 @@ def test_a_result_too_large_for_a_record_fails_alone(monkeypatch):
     assert info.value.indices == [2]
 
 
+def test_a_result_that_fits_but_not_with_its_output_fails_alone(monkeypatch):
+    """The output goes in the same record as the result: together too large, that job fails alone (the run
+    stopped with RecordTooLarge)."""
+    from mpitasker_ext import journal
+    monkeypatch.setattr(journal, "MAX_RECORD", 10_000)
+
+    def job(x):
+        if x == 2:
+            print("y" * 2_000)
+        return b"x" * 9_000
+    with pytest.raises(JobsFailed, match="more than a journal record holds") as info:
+        mpimap(job, range(4), "big.pkl", progress=False)
+    assert info.value.indices == [2]
+
+
 def test_verbose_logs_a_line_per_job_and_quiet_logs_none(caplog):
     with caplog.at_level(logging.INFO, logger="mpitasker_ext"):
         mpimap(abs, [-1, -2, -3], "v.pkl", verbose=True, progress=False)

@@ -177,6 +177,23 @@ def test_frames_bigger_than_the_scan_window_are_checked_in_chunks(run, monkeypat
     assert payload.read_value(scan.ok[digest(4)]) == "small" and (payload.read_value(scan.ok[digest(3)]) == 3).all()
 
 
+def test_a_frame_bigger_than_the_window_before_one_set_aside_is_kept(tmp_path):
+    """A stored result that no longer loads is set aside (its magic overwritten) and computed again; a large
+    result written just before it is still found by the next run, not recomputed as damage."""
+    out = str(tmp_path / "big.pkl")
+    calls = []
+
+    def job(x):
+        calls.append(x)
+        return np.full(1 << 20, x, dtype=np.float64) if x == 0 else x   # 8 MB: bigger than the scan window
+    mpitasker_ext.mpimap(job, [0, 1], out, prune=True, progress=False)    # compacted: the frames are adjacent
+    st = store.ResultStore(out)
+    store.set_aside(scan_journals(st.journal_paths()).ok[digest(1)])     # as finish does when it does not load
+    calls.clear()
+    values = mpitasker_ext.mpimap(job, [0, 1], out, progress=False)
+    assert calls == [1] and (values[0] == 0).all() and values[1] == 1
+
+
 def test_an_ok_record_with_output_gives_its_value_and_its_output_apart(run, tmp_path, monkeypatch):
     """Kind 3: the output before the ok payload. Values read as from kind 0 (arrays out of band included); the
     output is read without the pickle, even from a frame larger than the scan window; damage is named."""
