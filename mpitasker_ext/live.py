@@ -87,15 +87,15 @@ class LiveResults:
             waiting = [i for i in jobs.get(digest, ()) if i not in self._values]
             if waiting:
                 wanted.append((location, waiting))
-        if wanted:
-            self._load(path, wanted)
+        gained = self._load(path, wanted) if wanted else 0
         self._read_to[key] = read_to
-        return sum(len(waiting) for _, waiting in wanted)
+        return gained
 
     def _load(self, path, wanted):
         """The values of ``wanted`` ((location, job indices), in file order) from one open journal: small frames
         from one read per ``SHARED_READ`` bytes of their span (a refresh costs a few syscalls, not one per
         result), large ones each into its own buffer (an array's view must not keep a shared buffer alive)."""
+        gained = 0
         with open_regular(path) as f:
             window, low = memoryview(b""), 0
             for location, waiting in wanted:
@@ -121,6 +121,8 @@ class LiveResults:
                 for index in waiting:
                     self._values[index] = value
                 self._order.extend(waiting)
+                gained += len(waiting)
+        return gained
 
     def __len__(self):
         return len(self._values)
