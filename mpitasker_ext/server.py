@@ -65,7 +65,7 @@ class RunIndex:
                 self._walked_at = now
                 self._seen.update(self._walked)
             walked, candidates = set(self._walked), set(self._walked) | self._seen
-        return sorted(p for p in candidates if (p in walked or os.path.exists(p) or os.path.isdir(p + ".mpi"))
+        return sorted(p for p in candidates if (p in walked or os.path.exists(p) or os.path.isdir(p + RUN_SUFFIX))
                       and self.confined(p) and _is_text(p))
 
     def resolve(self, relative):
@@ -94,7 +94,7 @@ class RunIndex:
     def confined(self, candidate):
         """True when the real paths of the parent directory, of what is read (the run directory, else the
         output) and of a ``.code.json`` beside it all lie inside the real root: no symlink leads out."""
-        target = candidate + ".mpi" if os.path.isdir(candidate + ".mpi") else candidate
+        target = candidate + RUN_SUFFIX if os.path.isdir(candidate + RUN_SUFFIX) else candidate
         meta = candidate + META_SUFFIX
         reads = [os.path.dirname(candidate), target] + ([meta] if os.path.lexists(meta) else [])
         return all(self._inside(os.path.realpath(path)) for path in reads)
