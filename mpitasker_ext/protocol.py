@@ -19,11 +19,11 @@ class Backoff:
     """Sleep a little longer each idle poll, up to tmax; reset when something arrives.
 
     Once a rank has waited a while, the cap grows with the wait (``latency_share`` of it, up to ``tmax_idle``):
-    the answer it is waiting for comes at most 0.4% later than it could, and a long wait costs a few hundred
+    the answer it is waiting for comes at most 1% later than it could, and a long wait costs about a hundred
     wake-ups a second instead of a thousand.
     """
 
-    def __init__(self, tmax=0.001, tmax_idle=0.008, latency_share=0.004):
+    def __init__(self, tmax=0.001, tmax_idle=0.008, latency_share=0.01):
         self.tmax = tmax
         self.tmax_idle = tmax_idle
         self.latency_share = latency_share

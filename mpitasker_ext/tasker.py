@@ -8,9 +8,11 @@ import sys
 import warnings
 
 from .errors import MPITaskerError, UsageError
+from .follow import StatusMonitor
 from .results import Results
 from .scheduler import run_mpi, run_serial
 from .sweep import Sweep
+from .views import TextProgress
 
 log = logging.getLogger(__name__)
 
@@ -108,9 +110,6 @@ def _monitor(progress, rank):
     """Rank 0 shows progress on stderr: an updating line on a terminal, a line every 30 s in a log."""
     if not progress or rank != 0:
         return None
-    from .follow import StatusMonitor
-    from .views import TextProgress
-
     return StatusMonitor(TextProgress())
 
 
